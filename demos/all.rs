@@ -1,0 +1,19 @@
+//! Runs every demo in turn (XOR first) and prints one JSON line per demo.
+
+#[path = "affine.rs"]
+mod affine;
+#[path = "lm_params.rs"]
+mod lm_params;
+#[path = "xor.rs"]
+mod xor;
+#[path = "xor_single_layer.rs"]
+mod xor_single_layer;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    println!("{}", xor::run().await?);
+    println!("{}", xor_single_layer::run().await?);
+    println!("{}", affine::run().await?);
+    println!("{}", lm_params::run().await?);
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Values that flow through a system, and the examples a system is scored on.
+//!
+//! Every value carries the population axis: a tensor is either shared by all candidates
+//! (`[N, ..]`) or per candidate (`[P, N, ..]`); JSON items are either `N` shared items or a `P × N`
+//! grid (candidate-major).
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result, TensorContext};
+use crate::function::Json;
+
+#[derive(Clone, Debug)]
+pub(crate) enum Data {
+    Tensor {
+        t: Tensor,
+        batched: bool,
+    },
+    Json {
+        items: Arc<Vec<Json>>,
+        batched: bool,
+    },
+}
+
+/// A value in a system: a tensor or JSON items, shared by all candidates or one per candidate.
+///
+/// # Shapes
+/// Shared tensor `[N, ..]`; per-candidate tensor `[P, N, ..]`; shared JSON: `N` items;
+/// per-candidate JSON: `P·N` items, candidate-major.
+#[derive(Clone, Debug)]
+pub struct Value {
+    pub(crate) data: Data,
+    /// The DAG node that produced it (None for system inputs).
+    pub(crate) node: Option<usize>,
+}
+
+impl Value {
+    /// A tensor shared by all candidates, `[N, ..]`.
+    pub fn shared(t: Tensor) -> Self {
+        Self {
+            data: Data::Tensor { t, batched: false },
+            node: None,
+        }
+    }
+
+    /// A per-candidate tensor, `[P, N, ..]`.
+    pub fn batched(t: Tensor) -> Self {
+        Self {
+            data: Data::Tensor { t, batched: true },
+            node: None,
+        }
+    }
+
+    /// JSON items shared by all candidates (one per example).
+    pub fn json(items: Vec<Json>) -> Self {
+        Self {
+            data: Data::Json {
+                items: Arc::new(items),
+                batched: false,
+            },
+            node: None,
+        }
+    }
+
+    pub(crate) fn json_grid(items: Vec<Json>, batched: bool, node: Option<usize>) -> Self {
+        Self {
+            data: Data::Json {
+                items: Arc::new(items),
+                batched,
+            },
+            node,
+        }
+    }
+
+    pub(crate) fn with_node(mut self, node: usize) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    /// Whether the value has a population axis (differs between candidates).
+    pub fn is_batched(&self) -> bool {
+        match &self.data {
+            Data::Tensor { batched, .. } | Data::Json { batched, .. } => *batched,
+        }
+    }
+
+    /// The tensor, if this is a tensor value.
+    pub fn as_tensor(&self) -> Result<&Tensor> {
+        match &self.data {
+            Data::Tensor { t, .. } => Ok(t),
+            Data::Json { .. } => Err(Error::WrongValueKind {
+                function: "Value::as_tensor".into(),
+                expected: "a tensor",
+                actual: "JSON items",
+            }),
+        }
+    }
+
+    /// The JSON items, if this is a JSON value.
+    pub fn as_json(&self) -> Result<&[Json]> {
+        match &self.data {
+            Data::Json { items, .. } => Ok(items),
+            Data::Tensor { .. } => Err(Error::WrongValueKind {
+                function: "Value::as_json".into(),
+                expected: "JSON items",
+                actual: "a tensor",
+            }),
+        }
+    }
+
+    /// Applies a tensor operation that keeps the population axis where it is (elementwise maths,
+    /// operations over trailing dimensions). The result keeps this value's DAG origin.
+    pub fn map_tensor(
+        &self,
+        f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Value> {
+        let t = self.as_tensor()?;
+        let out = f(t).at("Value::map_tensor")?;
+        Ok(Value {
+            data: Data::Tensor {
+                t: out,
+                batched: self.is_batched(),
+            },
+            node: self.node,
+        })
+    }
+
+    /// Number of examples (N) along the example axis.
+    pub(crate) fn examples(&self, pop: usize) -> Result<usize> {
+        match &self.data {
+            Data::Tensor { t, batched } => t.dim(usize::from(*batched)).at("value"),
+            Data::Json { items, batched } => Ok(if *batched {
+                items.len() / pop.max(1)
+            } else {
+                items.len()
+            }),
+        }
+    }
+
+    /// The examples `[start, start+len)` of a shared value.
+    pub(crate) fn slice_examples(&self, start: usize, len: usize) -> Result<Value> {
+        Ok(match &self.data {
+            Data::Tensor { t, batched } => Value {
+                data: Data::Tensor {
+                    t: t.narrow(usize::from(*batched), start, len).at("examples")?,
+                    batched: *batched,
+                },
+                node: None,
+            },
+            Data::Json {
+                items,
+                batched: false,
+            } => Value::json(items[start..start + len].to_vec()),
+            Data::Json { batched: true, .. } => {
+                return Err(Error::WrongValueKind {
+                    function: "examples".into(),
+                    expected: "shared examples",
+                    actual: "per-candidate JSON",
+                })
+            }
+        })
+    }
+
+    /// Joins chunks of examples (in order) for `pop` candidates.
+    pub(crate) fn concat_examples(parts: Vec<Value>, pop: usize) -> Result<Value> {
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let any_batched = parts.iter().any(Value::is_batched);
+        match &parts[0].data {
+            Data::Tensor { .. } => {
+                let ts = parts
+                    .iter()
+                    .map(|p| {
+                        let t = p.as_tensor()?;
+                        if any_batched && !p.is_batched() {
+                            let mut dims = vec![pop];
+                            dims.extend_from_slice(t.dims());
+                            t.unsqueeze(0)
+                                .and_then(|u| u.broadcast_as(dims))
+                                .at("concat")
+                        } else {
+                            Ok(t.clone())
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let t = Tensor::cat(&ts, usize::from(any_batched)).at("concat")?;
+                Ok(Value {
+                    data: Data::Tensor {
+                        t,
+                        batched: any_batched,
+                    },
+                    node: None,
+                })
+            }
+            Data::Json { .. } => {
+                let mut rows: Vec<Vec<Json>> = vec![Vec::new(); if any_batched { pop } else { 1 }];
+                for p in &parts {
+                    let items = p.as_json()?;
+                    if !any_batched {
+                        rows[0].extend_from_slice(items);
+                    } else if p.is_batched() {
+                        let n = items.len() / pop.max(1);
+                        for (c, row) in rows.iter_mut().enumerate() {
+                            row.extend_from_slice(&items[c * n..(c + 1) * n]);
+                        }
+                    } else {
+                        for row in rows.iter_mut() {
+                            row.extend_from_slice(items);
+                        }
+                    }
+                }
+                Ok(Value::json_grid(rows.concat(), any_batched, None))
+            }
+        }
+    }
+}
+
+/// Examples: inputs and expected outputs, `N` of each.
+///
+/// # Examples
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use hyperfunc::Examples;
+/// let x = Tensor::new(&[[0f32, 0.], [0., 1.], [1., 0.], [1., 1.]], &Device::Cpu)?;
+/// let y = Tensor::new(&[[0f32], [1.], [1.], [0.]], &Device::Cpu)?;
+/// let xor = Examples::tensors(x, y)?;
+/// assert_eq!(xor.len(), 4);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Examples {
+    pub(crate) inputs: Value,
+    pub(crate) targets: Value,
+    len: usize,
+}
+
+impl Examples {
+    /// Tensor examples: `x: [N, ..]`, `y: [N, ..]`.
+    pub fn tensors(x: Tensor, y: Tensor) -> Result<Self> {
+        let n = x.dims().first().copied().unwrap_or(0);
+        let m = y.dims().first().copied().unwrap_or(0);
+        if n == 0 || m == 0 {
+            return Err(Error::EmptyExamples);
+        }
+        if n != m {
+            return Err(Error::ShapeMismatch {
+                function: "Examples".into(),
+                what: "targets".into(),
+                expected: format!("{n} rows like the inputs {:?}", x.dims()),
+                actual: y.dims().to_vec(),
+            });
+        }
+        Ok(Self {
+            inputs: Value::shared(x),
+            targets: Value::shared(y),
+            len: n,
+        })
+    }
+
+    /// Tensor examples from row-major data: `x` has `n·d_in` values, `y` has `n·d_out`.
+    pub fn from_rows(x: &[Vec<f32>], y: &[Vec<f32>], device: &Device) -> Result<Self> {
+        if x.is_empty() || y.is_empty() {
+            return Err(Error::EmptyExamples);
+        }
+        let tensor = |rows: &[Vec<f32>], what: &str| -> Result<Tensor> {
+            let d = rows[0].len();
+            if let Some(bad) = rows.iter().find(|r| r.len() != d) {
+                return Err(Error::ShapeMismatch {
+                    function: "Examples".into(),
+                    what: what.into(),
+                    expected: format!("every row with {d} values"),
+                    actual: vec![bad.len()],
+                });
+            }
+            Tensor::from_vec(rows.concat(), (rows.len(), d), device).at("Examples")
+        };
+        Self::tensors(tensor(x, "inputs")?, tensor(y, "targets")?)
+    }
+
+    /// JSON examples (for systems of async hyperfunctions).
+    pub fn json(inputs: Vec<Json>, targets: Vec<Json>) -> Result<Self> {
+        if inputs.is_empty() {
+            return Err(Error::EmptyExamples);
+        }
+        if inputs.len() != targets.len() {
+            return Err(Error::ShapeMismatch {
+                function: "Examples".into(),
+                what: "targets".into(),
+                expected: format!("{} items like the inputs", inputs.len()),
+                actual: vec![targets.len()],
+            });
+        }
+        let len = inputs.len();
+        Ok(Self {
+            inputs: Value::json(inputs),
+            targets: Value::json(targets),
+            len,
+        })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: empty example sets are refused at construction.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The inputs.
+    pub fn inputs(&self) -> &Value {
+        &self.inputs
+    }
+
+    /// The expected outputs.
+    pub fn targets(&self) -> &Value {
+        &self.targets
+    }
+}

@@ -1,0 +1,587 @@
+//! Evolution strategies: the OpenAI-ES family with antithetic sampling, seeded dense or low-rank
+//! noise, fitness shaping, Adam/SGD updates, schedules and early stopping.
+//!
+//! [`Es`] holds the settings (validated once, before the first generation) and runs the loop:
+//! draw noise → evaluate the population (batched, see `population`) → shape fitness → estimate the
+//! gradient `1/(P·σ) Σ u_i ε_i` → update θ. It knows nothing about what the system computes.
+
+mod noise;
+mod schedule;
+mod shaping;
+mod update;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use schedule::Schedule;
+pub use shaping::Shaping;
+pub use update::Update;
+
+use crate::data::Examples;
+use crate::error::{Error, Result, TensorContext};
+use crate::metric::Metric;
+use crate::population::{evaluate_with, Population};
+use crate::system::HyperSystem;
+use crate::theta::{Registry, Theta};
+
+/// Whether the metric is to be maximised or minimised. There is no implicit default in the
+/// maths: [`Es`] starts at `Maximize` and says so in its docs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Direction {
+    /// Higher metric values are better.
+    #[default]
+    Maximize,
+    /// Lower metric values are better (losses).
+    Minimize,
+}
+
+impl Direction {
+    /// Whether `a` is strictly better than `b` (non-finite values are never better).
+    pub fn better(self, a: f32, b: f32) -> bool {
+        a.is_finite()
+            && (!b.is_finite()
+                || match self {
+                    Direction::Maximize => a > b,
+                    Direction::Minimize => a < b,
+                })
+    }
+}
+
+/// Why an optimisation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum StopReason {
+    /// All generations ran.
+    Generations,
+    /// The best fitness reached the target.
+    Target,
+    /// The best fitness did not improve for `patience` generations.
+    Patience,
+}
+
+/// Statistics of one generation.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GenerationStats {
+    /// Generation index (from 0).
+    pub generation: usize,
+    /// Best candidate fitness (NaN if every candidate failed).
+    pub best: f32,
+    /// Mean of the finite fitness values.
+    pub mean: f32,
+    /// Standard deviation of the finite fitness values.
+    pub std: f32,
+    /// σ used.
+    pub sigma: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Candidates that failed or gave a non-finite fitness.
+    pub failed: usize,
+    /// Candidate evaluations per second in this generation (evaluation only).
+    pub evals_per_sec: f64,
+    /// Wall time since the start of the run, in seconds.
+    pub seconds: f64,
+}
+
+/// The best candidate seen.
+#[derive(Clone, Debug)]
+pub struct Best {
+    /// Its raw θ.
+    pub theta: Theta,
+    /// Its fitness.
+    pub fitness: f32,
+    /// The generation it was found in.
+    pub generation: usize,
+}
+
+/// What [`Es::optimize`] returns.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The final θ (the distribution mean).
+    pub theta: Theta,
+    /// The metric of the final θ on the training examples.
+    pub final_fitness: f32,
+    /// The best candidate seen during the run.
+    pub best: Option<Best>,
+    /// One entry per generation.
+    pub history: Vec<GenerationStats>,
+    /// Why the run stopped.
+    pub stop: StopReason,
+    /// Total wall time in seconds.
+    pub seconds: f64,
+}
+
+/// OpenAI-ES with EGGROLL-style low-rank noise where a parameter asks for it.
+///
+/// Defaults: population 64 (antithetic), σ 0.1, lr 0.05, 100 generations, seed 0, **maximize**,
+/// centered ranks, Adam, no weight decay, constant schedules, `max_batch_size` 65 536 rows.
+///
+/// # Examples
+/// ```
+/// use hyperfunc::prelude::*;
+/// use candle_core::{Device, Tensor};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// // Learn y = 2x with one linear layer.
+/// let net = Chain::new(vec![HyperFn::linear("f", 1, 1, Activation::Identity)]);
+/// let x = Tensor::new(&[[0f32], [1.], [2.]], &Device::Cpu)?;
+/// let y = Tensor::new(&[[0f32], [2.], [4.]], &Device::Cpu)?;
+/// let data = Examples::tensors(x, y)?;
+/// let report = Es::default().pop_size(32).sigma(0.1).lr(0.1).generations(150).seed(1)
+///     .minimize().progress(false)
+///     .optimize(&net, &data, &metric::mse()).await?;
+/// assert!(report.final_fitness < 0.01);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Debug)]
+pub struct Es {
+    pop_size: usize,
+    sigma: f64,
+    lr: f64,
+    generations: usize,
+    seed: u64,
+    direction: Direction,
+    shaping: Shaping,
+    update: Update,
+    weight_decay: f64,
+    sigma_schedule: Schedule,
+    lr_schedule: Schedule,
+    patience: Option<usize>,
+    target: Option<f32>,
+    antithetic: bool,
+    max_batch_size: usize,
+    max_failure_rate: f64,
+    progress: bool,
+    device: Device,
+    init: Option<Theta>,
+}
+
+impl Default for Es {
+    fn default() -> Self {
+        Self {
+            pop_size: 64,
+            sigma: 0.1,
+            lr: 0.05,
+            generations: 100,
+            seed: 0,
+            direction: Direction::Maximize,
+            shaping: Shaping::CenteredRanks,
+            update: Update::default(),
+            weight_decay: 0.0,
+            sigma_schedule: Schedule::Constant,
+            lr_schedule: Schedule::Constant,
+            patience: None,
+            target: None,
+            antithetic: true,
+            max_batch_size: 1 << 16,
+            max_failure_rate: 1.0,
+            progress: true,
+            device: Device::Cpu,
+            init: None,
+        }
+    }
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, v: $ty) -> Self {
+            self.$name = v;
+            self
+        }
+    };
+}
+
+impl Es {
+    setter!(/// Candidates per generation (even with antithetic sampling).
+        pop_size: usize);
+    setter!(/// Noise scale σ (> 0).
+        sigma: f64);
+    setter!(/// Learning rate.
+        lr: f64);
+    setter!(/// Number of generations.
+        generations: usize);
+    setter!(/// Run seed: noise and initialisation are drawn from it.
+        seed: u64);
+    setter!(/// Optimisation direction.
+        direction: Direction);
+    setter!(/// Fitness shaping.
+        shaping: Shaping);
+    setter!(/// Update rule ([`Update::Compat`] reproduces the Python library).
+        update: Update);
+    setter!(/// Decoupled weight decay (per unit of learning rate).
+        weight_decay: f64);
+    setter!(/// Schedule of σ.
+        sigma_schedule: Schedule);
+    setter!(/// Schedule of the learning rate.
+        lr_schedule: Schedule);
+    setter!(/// Antithetic (mirrored) sampling; on by default.
+        antithetic: bool);
+    setter!(/// Most candidate × example rows per batched forward.
+        max_batch_size: usize);
+    setter!(/// Fraction of failed candidates above which a generation aborts the run (1.0: only when all fail).
+        max_failure_rate: f64);
+    setter!(/// Shows a progress bar when stderr is a terminal (on by default).
+        progress: bool);
+    setter!(/// Device of θ and of all tensors the engine creates.
+        device: Device);
+
+    /// Maximise the metric.
+    pub fn maximize(self) -> Self {
+        self.direction(Direction::Maximize)
+    }
+
+    /// Minimise the metric.
+    pub fn minimize(self) -> Self {
+        self.direction(Direction::Minimize)
+    }
+
+    /// Stops when the best fitness has not improved for `n` generations.
+    pub fn patience(mut self, n: usize) -> Self {
+        self.patience = Some(n);
+        self
+    }
+
+    /// Stops when a candidate reaches `value` (≥ when maximising, ≤ when minimising).
+    pub fn target(mut self, value: f32) -> Self {
+        self.target = Some(value);
+        self
+    }
+
+    /// SGD with momentum instead of Adam.
+    pub fn sgd(self, momentum: f64) -> Self {
+        self.update(Update::Sgd { momentum })
+    }
+
+    /// The Python hyperfunc library's update rule (z-scored rewards, `θ += lr·√P·mean(r ε)`).
+    pub fn compat(self) -> Self {
+        self.update(Update::Compat).shaping(Shaping::ZScore)
+    }
+
+    /// Starts from this θ instead of the specs' initialisation.
+    pub fn init(mut self, theta: Theta) -> Self {
+        self.init = Some(theta);
+        self
+    }
+
+    /// Checks every setting; called by [`Es::optimize`] before any work.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.sigma.is_finite() && self.sigma > 0.0) {
+            return Err(Error::InvalidSigma { sigma: self.sigma });
+        }
+        if self.pop_size == 0 {
+            return Err(Error::config(
+                "pop_size",
+                "must be at least 1 (2 with antithetic sampling)",
+            ));
+        }
+        if self.antithetic && self.pop_size % 2 == 1 {
+            return Err(Error::OddPopulation {
+                pop_size: self.pop_size,
+                suggest: self.pop_size + 1,
+            });
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::config(
+                "lr",
+                format!("must be positive and finite, got {}", self.lr),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::config(
+                "weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_failure_rate) {
+            return Err(Error::config("max_failure_rate", "must lie in [0, 1]"));
+        }
+        if self.max_batch_size == 0 {
+            return Err(Error::config("max_batch_size", "must be at least 1"));
+        }
+        if self.update == Update::Compat && self.shaping != Shaping::ZScore {
+            return Err(Error::config(
+                "shaping",
+                "the compat update uses z-score shaping; call .compat()",
+            ));
+        }
+        self.update.validate()?;
+        self.sigma_schedule.validate("sigma_schedule")?;
+        self.lr_schedule.validate("lr_schedule")
+    }
+
+    /// Optimises the system's θ on `examples` against `metric`.
+    pub async fn optimize<S: HyperSystem>(
+        &self,
+        sys: &S,
+        examples: &Examples,
+        metric: &dyn Metric,
+    ) -> Result<Report> {
+        self.validate()?;
+        if examples.is_empty() {
+            return Err(Error::EmptyExamples);
+        }
+        let reg = Arc::new(Registry::of(sys)?);
+        let mut theta = match &self.init {
+            Some(t) => t.clone(),
+            None => Theta::from_registry(&reg, self.seed, &self.device)?,
+        };
+        theta.check(&reg)?;
+
+        let start = Instant::now();
+        let bar = self.progress_bar();
+        let p = self.pop_size;
+        let pairs = if self.antithetic { p / 2 } else { p };
+        let mut state = update::UpdateState::default();
+        let mut history = Vec::with_capacity(self.generations);
+        let mut best: Option<Best> = None;
+        let mut since_improved = 0;
+        let mut stop = StopReason::Generations;
+
+        for g in 0..self.generations {
+            let sigma = self.sigma_schedule.at(self.sigma, g, self.generations);
+            let lr = self.lr_schedule.at(self.lr, g, self.generations);
+            let key = noise::NoiseKey {
+                seed: self.seed,
+                generation: g as u64,
+            };
+            let draws = noise::draw(&reg, key, pairs, &self.device)?;
+            let pop = Arc::new(noise::population(&theta, &draws, sigma, self.antithetic)?);
+
+            let t0 = Instant::now();
+            let eval = evaluate_with(
+                &reg,
+                sys,
+                pop.clone(),
+                examples,
+                metric,
+                self.max_batch_size,
+            )
+            .await?;
+            let eval_s = t0.elapsed().as_secs_f64();
+
+            let (u, bad) = shaping::utilities(&eval.fitness, self.direction, self.shaping);
+            let failed = bad.max(eval.failed);
+            if failed == p || failed as f64 > self.max_failure_rate * p as f64 {
+                return Err(Error::TooManyFailures {
+                    generation: g,
+                    failed,
+                    pop_size: p,
+                    allowed: self.max_failure_rate,
+                });
+            }
+
+            // Best candidate of this generation (finite values only).
+            let mut gen_best: Option<(usize, f32)> = None;
+            for (i, &f) in eval.fitness.iter().enumerate() {
+                if gen_best.is_none_or(|(_, b)| self.direction.better(f, b)) && f.is_finite() {
+                    gen_best = Some((i, f));
+                }
+            }
+            let improved = match (gen_best, &best) {
+                (Some((_, f)), Some(b)) => self.direction.better(f, b.fitness),
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if improved {
+                if let Some((i, f)) = gen_best {
+                    best = Some(Best {
+                        theta: pop.candidate(i)?,
+                        fitness: f,
+                        generation: g,
+                    });
+                }
+                since_improved = 0;
+            } else {
+                since_improved += 1;
+            }
+
+            theta = self.step(&reg, &theta, &draws, &u, sigma, lr, &mut state)?;
+
+            let finite: Vec<f64> = eval
+                .fitness
+                .iter()
+                .filter(|f| f.is_finite())
+                .map(|&f| f64::from(f))
+                .collect();
+            let mean = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
+            let std = (finite.iter().map(|f| (f - mean).powi(2)).sum::<f64>()
+                / finite.len().max(1) as f64)
+                .sqrt();
+            let stats = GenerationStats {
+                generation: g,
+                best: gen_best.map_or(f32::NAN, |(_, f)| f),
+                mean: mean as f32,
+                std: std as f32,
+                sigma,
+                lr,
+                failed,
+                evals_per_sec: p as f64 / eval_s.max(1e-12),
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            bar.set_message(format!("best {:.5} mean {:.5}", stats.best, stats.mean));
+            bar.inc(1);
+            history.push(stats);
+
+            if let (Some(t), Some(b)) = (self.target, &best) {
+                if b.fitness == t || self.direction.better(b.fitness, t) {
+                    stop = StopReason::Target;
+                    break;
+                }
+            }
+            if self.patience.is_some_and(|n| since_improved >= n) {
+                stop = StopReason::Patience;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+
+        let center = Arc::new(Population::center(theta.clone()));
+        let fin = evaluate_with(&reg, sys, center, examples, metric, self.max_batch_size).await?;
+        Ok(Report {
+            theta,
+            final_fitness: fin.fitness[0],
+            best,
+            history,
+            stop,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The candidates of generation `generation` around `theta`, exactly as [`Es::optimize`]
+    /// draws them (σ from the schedule). Rebuilt from the seed alone: a remote worker needs
+    /// nothing else.
+    pub fn population<S: HyperSystem>(
+        &self,
+        sys: &S,
+        theta: &Theta,
+        generation: usize,
+    ) -> Result<Population> {
+        self.validate()?;
+        let reg = Registry::of(sys)?;
+        theta.check(&reg)?;
+        let pairs = if self.antithetic {
+            self.pop_size / 2
+        } else {
+            self.pop_size
+        };
+        let key = noise::NoiseKey {
+            seed: self.seed,
+            generation: generation as u64,
+        };
+        let draws = noise::draw(&reg, key, pairs, &self.device)?;
+        let sigma = self
+            .sigma_schedule
+            .at(self.sigma, generation, self.generations);
+        noise::population(theta, &draws, sigma, self.antithetic)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        reg: &Registry,
+        theta: &Theta,
+        draws: &std::collections::BTreeMap<String, noise::GenNoise>,
+        u: &[f32],
+        sigma: f64,
+        lr: f64,
+        state: &mut update::UpdateState,
+    ) -> Result<Theta> {
+        let p = u.len();
+        // gradient = Σ w_k ε_k / (P σ); compat step = lr·√P·(Σ w_k ε_k)/P.
+        let scale = match self.update {
+            Update::Compat => (p as f64).sqrt() / p as f64,
+            _ => 1.0 / (p as f64 * sigma),
+        };
+        state.begin();
+        let mut next = Theta::default();
+        for (name, sum) in noise_sums(reg, draws, u, self.antithetic, &self.device)? {
+            let t = theta
+                .get(&name)
+                .ok_or_else(|| Error::MissingParameter { name: name.clone() })?;
+            let grad = (sum * scale).at(&name)?;
+            next.insert(
+                &name,
+                state.step(self.update, &name, t, &grad, lr, self.weight_decay)?,
+            );
+        }
+        Ok(next)
+    }
+
+    fn progress_bar(&self) -> ProgressBar {
+        if !self.progress || !std::io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(self.generations as u64);
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:30} {pos}/{len} gen  {per_sec}  eta {eta}  {msg}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    }
+}
+
+/// The ES gradient estimate `1/(P·σ) Σ u_i ε_i` at `theta`, with the run's noise for generation
+/// `generation` — exposed for checking the estimator (tests, notebooks).
+#[doc(hidden)]
+pub async fn gradient_estimate<S: HyperSystem>(
+    es: &Es,
+    sys: &S,
+    theta: &Theta,
+    examples: &Examples,
+    metric: &dyn Metric,
+    generation: usize,
+) -> Result<Theta> {
+    es.validate()?;
+    let reg = Arc::new(Registry::of(sys)?);
+    theta.check(&reg)?;
+    let pairs = if es.antithetic {
+        es.pop_size / 2
+    } else {
+        es.pop_size
+    };
+    let key = noise::NoiseKey {
+        seed: es.seed,
+        generation: generation as u64,
+    };
+    let draws = noise::draw(&reg, key, pairs, &es.device)?;
+    let pop = Arc::new(noise::population(theta, &draws, es.sigma, es.antithetic)?);
+    let eval = evaluate_with(&reg, sys, pop, examples, metric, es.max_batch_size).await?;
+    let (u, _) = shaping::utilities(&eval.fitness, es.direction, es.shaping);
+    let mut g = Theta::default();
+    for (name, sum) in noise_sums(&reg, &draws, &u, es.antithetic, &es.device)? {
+        let t = (sum / (es.pop_size as f64 * es.sigma)).at(&name)?;
+        g.insert(name, t);
+    }
+    Ok(g)
+}
+
+/// `Σ_k w_k ε_k` per parameter, with `w_k = u₊ − u₋` for mirrored pairs and `u_k` otherwise.
+fn noise_sums(
+    reg: &Registry,
+    draws: &std::collections::BTreeMap<String, noise::GenNoise>,
+    u: &[f32],
+    antithetic: bool,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let w: Vec<f32> = if antithetic {
+        u.chunks(2).map(|c| c[0] - c[1]).collect()
+    } else {
+        u.to_vec()
+    };
+    let w = Tensor::from_vec(w.clone(), w.len(), device).at("es")?;
+    reg.params
+        .iter()
+        .map(|(name, spec)| {
+            let noise = draws
+                .get(name)
+                .ok_or_else(|| Error::MissingParameter { name: name.clone() })?;
+            let sum = noise::weighted_sum(noise, &w, spec.shape()).at(name)?;
+            Ok((name.clone(), sum))
+        })
+        .collect()
+}

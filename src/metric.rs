@@ -1,0 +1,197 @@
+//! Metrics: one number per candidate from its predictions on all examples.
+//!
+//! A metric only computes a value; whether higher or lower is better is the optimizer's
+//! explicit `maximize`/`minimize` setting. Built-in tensor metrics work on the whole chunk at once
+//! (`preds: [P, N, ..]` or shared `[N, ..]`, `targets: [N, ..]`).
+
+use candle_core::{Tensor, D};
+
+use crate::data::Value;
+use crate::error::{Error, Result, TensorContext};
+use crate::function::Json;
+
+/// Scores the predictions of `pop` candidates.
+pub trait Metric: Send + Sync {
+    /// One value per candidate; `preds` covers all examples of the `pop` candidates.
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>>;
+}
+
+/// Predictions as `[P, N·k]` and targets as `[1, N·k]`, checking that they line up.
+fn flat_pair(name: &str, preds: &Value, targets: &Value, pop: usize) -> Result<(Tensor, Tensor)> {
+    let p = preds.as_tensor()?;
+    let y = targets.as_tensor()?;
+    let per = if preds.is_batched() {
+        &p.dims()[1..]
+    } else {
+        p.dims()
+    };
+    if per != y.dims() {
+        return Err(Error::ShapeMismatch {
+            function: name.to_string(),
+            what: "predictions".into(),
+            expected: format!("{:?} per candidate (the targets' shape)", y.dims()),
+            actual: p.dims().to_vec(),
+        });
+    }
+    let k = y.elem_count();
+    let p = if preds.is_batched() {
+        p.reshape((pop, k))
+    } else {
+        p.reshape((1, k))
+            .and_then(|p| p.broadcast_as((pop, k))?.contiguous())
+    }
+    .at(name)?;
+    let y = y.reshape((1, k)).at(name)?;
+    Ok((p, y))
+}
+
+fn per_candidate(name: &str, t: Tensor) -> Result<Vec<f32>> {
+    t.mean(D::Minus1).and_then(|m| m.to_vec1::<f32>()).at(name)
+}
+
+/// Binary cross-entropy of probabilities against 0/1 targets (lower is better).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bce;
+
+impl Metric for Bce {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let (p, y) = flat_pair("bce", preds, targets, pop)?;
+        let eps = 1e-7;
+        let l = p
+            .clamp(eps, 1.0 - eps)
+            .and_then(|p| {
+                let a = p.log()?.broadcast_mul(&y)?;
+                let b = p
+                    .affine(-1.0, 1.0)?
+                    .log()?
+                    .broadcast_mul(&y.affine(-1.0, 1.0)?)?;
+                (a + b)?.neg()
+            })
+            .at("bce")?;
+        per_candidate("bce", l)
+    }
+}
+
+/// Mean squared error (lower is better).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mse;
+
+impl Metric for Mse {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let (p, y) = flat_pair("mse", preds, targets, pop)?;
+        per_candidate("mse", p.broadcast_sub(&y).and_then(|d| d.sqr()).at("mse")?)
+    }
+}
+
+/// Fraction of outputs on the right side of `threshold` for 0/1 targets (higher is better).
+#[derive(Debug, Clone, Copy)]
+pub struct Accuracy {
+    /// Decision threshold on the predicted probability.
+    pub threshold: f32,
+}
+
+impl Default for Accuracy {
+    fn default() -> Self {
+        Self { threshold: 0.5 }
+    }
+}
+
+impl Metric for Accuracy {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let (p, y) = flat_pair("accuracy", preds, targets, pop)?;
+        let hit = p
+            .ge(f64::from(self.threshold))
+            .and_then(|b| b.to_dtype(candle_core::DType::F32))
+            .and_then(|b| b.broadcast_eq(&y.ge(0.5)?.to_dtype(candle_core::DType::F32)?))
+            .and_then(|b| b.to_dtype(candle_core::DType::F32))
+            .at("accuracy")?;
+        per_candidate("accuracy", hit)
+    }
+}
+
+/// A metric from a closure over one candidate's predictions `[N, ..]` and the targets.
+pub struct FnMetric<F>(pub F);
+
+impl<F> Metric for FnMetric<F>
+where
+    F: Fn(&Tensor, &Tensor) -> candle_core::Result<f32> + Send + Sync,
+{
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let p = preds.as_tensor()?;
+        let y = targets.as_tensor()?;
+        (0..pop)
+            .map(|i| {
+                let pi = if preds.is_batched() {
+                    p.get(i).at("metric")?
+                } else {
+                    p.clone()
+                };
+                (self.0)(&pi, y).at("metric")
+            })
+            .collect()
+    }
+}
+
+/// A metric from a closure over one JSON prediction and its target, averaged over examples.
+pub struct JsonMetric<F>(pub F);
+
+impl<F> Metric for JsonMetric<F>
+where
+    F: Fn(&Json, &Json) -> f32 + Send + Sync,
+{
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let p = preds.as_json()?;
+        let y = targets.as_json()?;
+        let n = y.len();
+        let expected = if preds.is_batched() { pop * n } else { n };
+        if p.len() != expected {
+            return Err(Error::ShapeMismatch {
+                function: "metric".into(),
+                what: "predictions".into(),
+                expected: format!("{expected} items"),
+                actual: vec![p.len()],
+            });
+        }
+        Ok((0..pop)
+            .map(|c| {
+                let row = if preds.is_batched() {
+                    &p[c * n..(c + 1) * n]
+                } else {
+                    p
+                };
+                row.iter().zip(y).map(|(a, b)| (self.0)(a, b)).sum::<f32>() / n as f32
+            })
+            .collect())
+    }
+}
+
+/// Binary cross-entropy.
+pub fn bce() -> Bce {
+    Bce
+}
+
+/// Mean squared error.
+pub fn mse() -> Mse {
+    Mse
+}
+
+/// Accuracy at threshold 0.5.
+pub fn accuracy() -> Accuracy {
+    Accuracy::default()
+}
+
+/// A per-candidate tensor metric from a closure.
+pub fn from_fn<F>(f: F) -> FnMetric<F>
+where
+    F: Fn(&Tensor, &Tensor) -> candle_core::Result<f32> + Send + Sync,
+{
+    FnMetric(f)
+}
+
+/// A per-example JSON metric from a closure, averaged.
+pub fn per_example<F>(f: F) -> JsonMetric<F>
+where
+    F: Fn(&Json, &Json) -> f32 + Send + Sync,
+{
+    JsonMetric(f)
+}

@@ -1,0 +1,330 @@
+//! Populations of candidate θ's and their batched evaluation.
+//!
+//! A [`Population`] is a base θ plus, per parameter, how each candidate differs from it: dense
+//! perturbations, low-rank factors (never multiplied out unless a body needs the full matrix), or
+//! explicit candidate values. Evaluation runs the system once per chunk of candidates × examples,
+//! bounded by `max_batch_size` rows, and scores each candidate with the metric. This module knows
+//! nothing of how perturbations are drawn (that is `es`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::data::{Examples, Value};
+use crate::error::{Error, Result, TensorContext};
+use crate::metric::Metric;
+use crate::system::{Cx, HyperSystem, Scope};
+use crate::theta::{Registry, Theta};
+
+/// How every candidate of a population differs from the base, for one parameter.
+#[derive(Clone, Debug)]
+pub(crate) enum Perturbation {
+    /// Additive perturbation per candidate, `[P, ..shape]` (σ and sign folded in).
+    Dense(Tensor),
+    /// `θ_p = W + a_p·b_pᵀ` with `a: [P, out, r]` (σ/√r and sign folded in) and `b: [P, in, r]`.
+    LowRank { a: Tensor, b: Tensor },
+    /// The candidates' raw values, `[P, ..shape]`.
+    Explicit(Tensor),
+}
+
+/// One parameter as seen by one chunk of candidates (raw values).
+#[derive(Clone, Debug)]
+pub(crate) enum ParamChunk {
+    /// The same tensor for every candidate, `[..shape]`.
+    Shared(Tensor),
+    /// One tensor per candidate, `[pc, ..shape]`.
+    PerCandidate(Tensor),
+    /// `base + a_p·b_pᵀ`, `a: [pc, out, r]`, `b: [pc, in, r]`.
+    LowRank { base: Tensor, a: Tensor, b: Tensor },
+}
+
+impl ParamChunk {
+    /// The raw values per candidate, `[pc, ..shape]` (forms the product for low-rank noise).
+    pub fn materialize(&self, pc: usize) -> candle_core::Result<Tensor> {
+        match self {
+            ParamChunk::Shared(t) => {
+                let mut dims = vec![pc];
+                dims.extend_from_slice(t.dims());
+                t.unsqueeze(0)?.broadcast_as(dims)?.contiguous()
+            }
+            ParamChunk::PerCandidate(t) => Ok(t.clone()),
+            ParamChunk::LowRank { base, a, b } => {
+                a.matmul(&b.transpose(1, 2)?)?.broadcast_add(base)
+            }
+        }
+    }
+}
+
+/// P candidate θ's, represented without copying what they share.
+#[derive(Clone, Debug)]
+pub struct Population {
+    base: Theta,
+    size: usize,
+    perturb: BTreeMap<String, Perturbation>,
+}
+
+impl Population {
+    /// A population of one: the given θ.
+    pub fn center(theta: Theta) -> Self {
+        Self {
+            base: theta,
+            size: 1,
+            perturb: BTreeMap::new(),
+        }
+    }
+
+    /// A population made of explicit candidate θ maps (all with the same parameter names).
+    pub fn from_thetas(thetas: &[Theta]) -> Result<Self> {
+        let first = thetas
+            .first()
+            .ok_or_else(|| Error::config("population", "needs at least one candidate θ"))?;
+        let mut perturb = BTreeMap::new();
+        for (name, _) in first.iter() {
+            let ts = thetas
+                .iter()
+                .map(|t| {
+                    t.get(name).cloned().ok_or_else(|| Error::MissingParameter {
+                        name: name.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let stacked = Tensor::stack(&ts, 0).map_err(|_| Error::ShapeMismatch {
+                function: name.to_string(),
+                what: "candidate θ".into(),
+                expected: format!("{:?} in every candidate", ts[0].dims()),
+                actual: ts
+                    .iter()
+                    .find(|t| t.dims() != ts[0].dims())
+                    .map(|t| t.dims().to_vec())
+                    .unwrap_or_default(),
+            })?;
+            perturb.insert(name.to_string(), Perturbation::Explicit(stacked));
+        }
+        Ok(Self {
+            base: first.clone(),
+            size: thetas.len(),
+            perturb,
+        })
+    }
+
+    pub(crate) fn perturbed(
+        base: Theta,
+        size: usize,
+        perturb: BTreeMap<String, Perturbation>,
+    ) -> Self {
+        Self {
+            base,
+            size,
+            perturb,
+        }
+    }
+
+    /// Number of candidates.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The base θ the candidates are perturbations of.
+    pub fn base(&self) -> &Theta {
+        &self.base
+    }
+
+    /// Parameter `name` for candidates `[p0, p0+pc)`.
+    pub(crate) fn chunk(&self, name: &str, p0: usize, pc: usize) -> Result<ParamChunk> {
+        let base = self.base.get(name).ok_or_else(|| Error::MissingParameter {
+            name: name.to_string(),
+        })?;
+        Ok(match self.perturb.get(name) {
+            None => ParamChunk::Shared(base.clone()),
+            Some(Perturbation::Explicit(t)) => {
+                ParamChunk::PerCandidate(t.narrow(0, p0, pc).at(name)?)
+            }
+            Some(Perturbation::Dense(e)) => ParamChunk::PerCandidate(
+                e.narrow(0, p0, pc)
+                    .and_then(|e| e.broadcast_add(base))
+                    .at(name)?,
+            ),
+            Some(Perturbation::LowRank { a, b }) => ParamChunk::LowRank {
+                base: base.clone(),
+                a: a.narrow(0, p0, pc).at(name)?,
+                b: b.narrow(0, p0, pc).at(name)?,
+            },
+        })
+    }
+
+    /// The raw θ of candidate `i`, materialized.
+    pub fn candidate(&self, i: usize) -> Result<Theta> {
+        if i >= self.size {
+            return Err(Error::config(
+                "candidate",
+                format!(
+                    "index {i} is out of range for a population of {}",
+                    self.size
+                ),
+            ));
+        }
+        let mut theta = Theta::default();
+        for (name, _) in self.base.iter() {
+            let t = self
+                .chunk(name, i, 1)?
+                .materialize(1)
+                .and_then(|t| t.squeeze(0))
+                .at(name)?;
+            theta.insert(name, t);
+        }
+        Ok(theta)
+    }
+}
+
+/// What one population evaluation produced.
+#[derive(Clone, Debug)]
+pub struct PopulationEval {
+    /// One fitness per candidate (NaN for a candidate that failed).
+    pub fitness: Vec<f32>,
+    /// Batched tensor forwards run (one per tensor stage per chunk).
+    pub forwards: usize,
+    /// Chunks the population × examples grid was split into.
+    pub chunks: usize,
+    /// Candidates whose async calls failed.
+    pub failed: usize,
+    /// The first failure message, if any candidate failed.
+    pub first_error: Option<String>,
+}
+
+/// Candidates per chunk and examples per chunk for `max_batch_size` rows per forward.
+pub(crate) fn plan(pop: usize, n: usize, max_batch_size: usize) -> (usize, usize) {
+    let max = max_batch_size.max(1);
+    if n >= max {
+        (1, max)
+    } else {
+        ((max / n).clamp(1, pop.max(1)), n)
+    }
+}
+
+/// Evaluates every candidate of `pop` on `examples`; returns one metric value per candidate.
+///
+/// Tensor stages run as one batched forward per chunk of at most `max_batch_size`
+/// candidate × example rows; async stages run concurrently.
+pub async fn evaluate_population<S: HyperSystem>(
+    sys: &S,
+    pop: &Population,
+    examples: &Examples,
+    metric: &dyn Metric,
+    max_batch_size: usize,
+) -> Result<PopulationEval> {
+    let reg = Arc::new(Registry::of(sys)?);
+    pop.base.check(&reg)?;
+    evaluate_with(
+        &reg,
+        sys,
+        Arc::new(pop.clone()),
+        examples,
+        metric,
+        max_batch_size,
+    )
+    .await
+}
+
+/// Evaluates one θ on `examples` (examples run concurrently); returns the metric value.
+pub async fn evaluate<S: HyperSystem>(
+    sys: &S,
+    theta: &Theta,
+    examples: &Examples,
+    metric: &dyn Metric,
+) -> Result<f32> {
+    let pop = Population::center(theta.clone());
+    let out = evaluate_population(sys, &pop, examples, metric, usize::MAX).await?;
+    match (out.fitness[0].is_nan(), out.first_error) {
+        (true, Some(msg)) => Err(Error::Io {
+            function: "evaluate".into(),
+            message: msg,
+            retryable: false,
+        }),
+        _ => Ok(out.fitness[0]),
+    }
+}
+
+pub(crate) async fn evaluate_with<S: HyperSystem + ?Sized>(
+    reg: &Arc<Registry>,
+    sys: &S,
+    pop: Arc<Population>,
+    examples: &Examples,
+    metric: &dyn Metric,
+    max_batch_size: usize,
+) -> Result<PopulationEval> {
+    let (p, n) = (pop.size(), examples.len());
+    if n == 0 {
+        return Err(Error::EmptyExamples);
+    }
+    let (pc, nc) = plan(p, n, max_batch_size);
+    let scope = Arc::new(Scope::default());
+    let mut out = PopulationEval {
+        fitness: Vec::with_capacity(p),
+        forwards: 0,
+        chunks: 0,
+        failed: 0,
+        first_error: None,
+    };
+    let mut signature: Option<String> = None;
+    for p0 in (0..p).step_by(pc) {
+        let pcur = pc.min(p - p0);
+        let mut parts = Vec::new();
+        let mut failed = vec![false; pcur];
+        for n0 in (0..n).step_by(nc) {
+            let ncur = nc.min(n - n0);
+            let cx = Cx::new(reg.clone(), pop.clone(), scope.clone(), p0, pcur);
+            let input = examples.inputs.slice_examples(n0, ncur)?;
+            let value = sys.run(&cx, input).await?;
+            let report = cx.finish();
+            match &signature {
+                None => signature = Some(report.signature),
+                Some(first) if *first != report.signature => {
+                    return Err(Error::ControlFlowDivergence {
+                        chunk: out.chunks,
+                        first: first.clone(),
+                        other: report.signature,
+                    })
+                }
+                Some(_) => {}
+            }
+            out.forwards += report.forwards;
+            out.chunks += 1;
+            for (f, g) in failed.iter_mut().zip(report.failed) {
+                *f |= g;
+            }
+            if out.first_error.is_none() {
+                out.first_error = report.first_error;
+            }
+            parts.push(value);
+        }
+        let preds = Value::concat_examples(parts, pcur)?;
+        let scores = metric.score(&preds, &examples.targets, pcur)?;
+        if scores.len() != pcur {
+            return Err(Error::ShapeMismatch {
+                function: "metric".into(),
+                what: "scores".into(),
+                expected: format!("{pcur} values (one per candidate)"),
+                actual: vec![scores.len()],
+            });
+        }
+        for (s, f) in scores.into_iter().zip(&failed) {
+            out.failed += usize::from(*f);
+            out.fitness.push(if *f { f32::NAN } else { s });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan;
+
+    #[test]
+    fn plan_bounds_rows_and_covers_everything() {
+        assert_eq!(plan(64, 4, 1 << 20), (64, 4));
+        assert_eq!(plan(64, 4, 32), (8, 4));
+        assert_eq!(plan(64, 100, 32), (1, 32));
+        assert_eq!(plan(3, 4, 0), (1, 1));
+    }
+}
