@@ -87,7 +87,10 @@ async fn retryable_errors_are_retried_and_fatal_ones_are_not() {
     let fit = evaluate(&sys, &Theta::default(), &data(1), &exact())
         .await
         .unwrap();
-    assert_eq!(fit, 1.0, "the third attempt returned the input, which equals the target");
+    assert_eq!(
+        fit, 1.0,
+        "the third attempt returned the input, which equals the target"
+    );
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
 
     let fatal_attempts = Arc::new(AtomicUsize::new(0));
