@@ -147,6 +147,7 @@ pub(crate) struct Layer {
     pub inp: usize,
     pub out: usize,
     pub act: Activation,
+    pub bias: bool,
 }
 
 #[derive(Clone)]
@@ -237,7 +238,30 @@ impl HyperFn {
 
     /// A dense layer `act(x·Wᵀ + b)` with `W: [out, inp]` (Xavier-like) and `b: [out]` (zeros).
     pub fn linear(name: &str, inp: usize, out: usize, act: Activation) -> Self {
-        Self::mlp_layers(name, &[Layer { inp, out, act }], false)
+        Self::mlp_layers(
+            name,
+            &[Layer {
+                inp,
+                out,
+                act,
+                bias: true,
+            }],
+            false,
+        )
+    }
+
+    /// A dense layer `act(x·Wᵀ)` without bias; `W: [out, inp]` (Xavier-like).
+    pub fn linear_no_bias(name: &str, inp: usize, out: usize, act: Activation) -> Self {
+        Self::mlp_layers(
+            name,
+            &[Layer {
+                inp,
+                out,
+                act,
+                bias: false,
+            }],
+            false,
+        )
     }
 
     /// A multilayer perceptron over `sizes` (`[2, 4, 1]` is 2→4→1), with `hidden` activations
@@ -251,6 +275,7 @@ impl HyperFn {
                 inp: w[0],
                 out: w[1],
                 act: if i + 1 == n { output } else { hidden },
+                bias: true,
             })
             .collect();
         Self::mlp_layers(name, &layers, true)
@@ -265,7 +290,9 @@ impl HyperFn {
                 name.to_string()
             };
             params.push((format!("{prefix}.weight"), ParamSpec::matrix(l.out, l.inp)));
-            params.push((format!("{prefix}.bias"), ParamSpec::vector(l.out).zeros()));
+            if l.bias {
+                params.push((format!("{prefix}.bias"), ParamSpec::vector(l.out).zeros()));
+            }
         }
         Self::build(name, params, Body::Layers(layers.to_vec()))
     }

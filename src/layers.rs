@@ -6,12 +6,15 @@
 //! (`X · [B_1 … B_P]`), which keeps the matrix kernels large.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result, TensorContext};
 use crate::function::Layer;
+use crate::kernels::{self, with_slice, Mat};
 use crate::population::ParamChunk;
 
 /// A tensor with a flag: does it carry the population axis?
+#[derive(Clone)]
 pub(crate) struct Act {
     pub t: Tensor,
     pub batched: bool,
@@ -53,13 +56,127 @@ fn shared_matmul(x: &Act, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// One dense layer over a chunk of `pc` candidates.
+/// All layers of a built-in network over a chunk of `pc` candidates. `params` holds each layer's
+/// weight, then its bias when it has one.
+///
+/// On the CPU the candidates are cut into tiles whose widest activation fits in cache, and each
+/// tile runs through *all* layers on one worker before the next: activations never leave the
+/// cache between layers.
+pub(crate) fn forward(
+    name: &str,
+    x: Act,
+    layers: &[Layer],
+    params: Vec<ParamChunk>,
+    pc: usize,
+) -> Result<Act> {
+    let mut it = params.into_iter();
+    let mut per_layer = Vec::with_capacity(layers.len());
+    for l in layers {
+        let missing = || Error::MissingParameter {
+            name: format!("{name} (layer weights)"),
+        };
+        let w = it.next().ok_or_else(missing)?;
+        let b = if l.bias {
+            Some(it.next().ok_or_else(missing)?)
+        } else {
+            None
+        };
+        per_layer.push((*l, w, b));
+    }
+    // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
+    let run = |mut x: Act,
+               c0: usize,
+               tc: usize,
+               narrow: bool,
+               mut dst: Option<&mut [f32]>|
+     -> Result<Option<Act>> {
+        let last = per_layer.len().saturating_sub(1);
+        for (i, (l, w, b)) in per_layer.iter().enumerate() {
+            let (w, b) = if narrow {
+                (
+                    w.narrow(c0, tc).at(name)?,
+                    b.as_ref().map(|b| b.narrow(c0, tc)).transpose().at(name)?,
+                )
+            } else {
+                (w.clone(), b.clone())
+            };
+            let next = if kernels::on_cpu_f32(&x.t) {
+                check_input(name, &x, l.inp, tc)?;
+                let d = if i == last { dst.take() } else { None };
+                linear_cpu(name, &x, *l, &w, b.as_ref(), tc, d)?
+            } else {
+                Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
+            };
+            match next {
+                Some(a) => x = a,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(x))
+    };
+    let shared = !x.batched
+        && per_layer.iter().all(|(_, w, b)| {
+            matches!(w, ParamChunk::Shared(_))
+                && b.as_ref()
+                    .is_none_or(|b| matches!(b, ParamChunk::Shared(_)))
+        });
+    if !kernels::on_cpu_f32(&x.t) || shared || pc == 1 || layers.is_empty() {
+        return run(x.clone(), 0, pc, false, None)?.ok_or_else(|| Error::config(name, "no output"));
+    }
+    let n = x.t.dim(usize::from(x.batched)).at(name)?;
+    // The widest activation a tile holds per candidate (a shared input is held once).
+    let widest = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 0 && !x.batched {
+                l.out
+            } else {
+                l.out.max(l.inp)
+            }
+        })
+        .max()
+        .unwrap_or(1);
+    let tc = (tile_floats() / (n * widest).max(1)).clamp(1, pc);
+    let out = layers[layers.len() - 1].out;
+    let mut y = vec![0.0f32; pc * n * out];
+    y.par_chunks_mut(tc * n * out)
+        .enumerate()
+        .map(|(t, dst)| {
+            let c0 = t * tc;
+            let tcur = dst.len() / (n * out);
+            let xt = if x.batched {
+                Act {
+                    t: x.t.narrow(0, c0, tcur).at(name)?,
+                    batched: true,
+                }
+            } else {
+                x.clone()
+            };
+            // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
+            if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst))? {
+                with_slice(&a.t, name, |v| {
+                    for block in dst.chunks_exact_mut(v.len()) {
+                        block.copy_from_slice(v);
+                    }
+                })?;
+            }
+            Ok(())
+        })
+        .collect::<Result<Vec<()>>>()?;
+    Ok(Act {
+        t: Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu).at(name)?,
+        batched: true,
+    })
+}
+
+/// One dense layer over a chunk of `pc` candidates (candle ops: any device).
 pub(crate) fn linear(
     name: &str,
     x: &Act,
     layer: Layer,
     w: &ParamChunk,
-    b: &ParamChunk,
+    b: Option<&ParamChunk>,
     pc: usize,
 ) -> Result<Act> {
     check_input(name, x, layer.inp, pc)?;
@@ -100,8 +217,9 @@ pub(crate) fn linear(
         }
     };
     let (y, batched) = match b {
-        ParamChunk::Shared(b) => (y.broadcast_add(b).map_err(at)?, batched),
-        other => {
+        None => (y, batched),
+        Some(ParamChunk::Shared(b)) => (y.broadcast_add(b).map_err(at)?, batched),
+        Some(other) => {
             let bp = other.materialize(pc).at(name)?;
             let y = if batched {
                 y.broadcast_add(&bp.unsqueeze(1).at(name)?)
@@ -114,4 +232,176 @@ pub(crate) fn linear(
     };
     let t = layer.act.apply(y).map_err(at)?;
     Ok(Act { t, batched })
+}
+
+/// Floats of GEMM output a worker keeps in cache per tile (`HYPERFUNC_TILE_FLOATS`, default
+/// 128 Ki floats = 512 KiB).
+fn tile_floats() -> usize {
+    static TILE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| {
+        std::env::var("HYPERFUNC_TILE_FLOATS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &usize| v > 0)
+            .unwrap_or(128 * 1024)
+    })
+}
+
+fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    with_slice(t, what, <[f32]>::to_vec)
+}
+
+/// The CPU kernel of one dense layer for one tile of candidates: GEMMs on raw slices, bias and
+/// activation fused into the pass that leaves each candidate's output.
+fn linear_cpu(
+    name: &str,
+    x: &Act,
+    layer: Layer,
+    w: &ParamChunk,
+    b: Option<&ParamChunk>,
+    pc: usize,
+    dst: Option<&mut [f32]>,
+) -> Result<Option<Act>> {
+    let (inp, out) = (layer.inp, layer.out);
+    let n = x.t.dim(usize::from(x.batched)).at(name)?;
+    let bias = match b {
+        None => None,
+        Some(ParamChunk::Shared(t)) => Some((vec_of(t, name)?, false)),
+        Some(other) => Some((vec_of(&other.materialize(pc).at(name)?, name)?, true)),
+    };
+    let per_cand_bias = bias.as_ref().is_some_and(|(_, p)| *p);
+    let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
+    let per = n * out; // floats of one candidate's output
+    let mut owned = Vec::new();
+    let (y, into_dst): (&mut [f32], bool) = match dst {
+        Some(d) if batched && d.len() == pc * per => (d, true),
+        _ => {
+            owned = vec![0.0f32; if batched { pc * per } else { per }];
+            (&mut owned[..], false)
+        }
+    };
+
+    // Bias + activation over one candidate's (or the shared) output block.
+    let finish = |block: &mut [f32], cand: usize| {
+        let bv: &[f32] = match &bias {
+            Some((bv, true)) => &bv[cand * out..(cand + 1) * out],
+            Some((bv, false)) => bv,
+            None => &[],
+        };
+        kernels::bias_act(block, bv, layer.act);
+    };
+
+    with_slice(&x.t, name, |xs| -> Result<()> {
+        match w {
+            ParamChunk::Shared(wt) => with_slice(wt, name, |ws| {
+                let wt_view = Mat::transposed(ws, inp, out);
+                if x.batched {
+                    // One GEMM over all candidates' rows, in parallel row tiles of whole candidates.
+                    let tile = (tile_floats() / per.max(1)).max(1);
+                    y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
+                        let c0 = t * tile;
+                        let rows = yc.len() / out;
+                        let xv = Mat::rows(&xs[c0 * n * inp..c0 * n * inp + rows * inp], rows, inp);
+                        kernels::gemm(yc, out, xv, wt_view);
+                        for (k, block) in yc.chunks_exact_mut(per).enumerate() {
+                            finish(block, c0 + k);
+                        }
+                    });
+                } else {
+                    // Shared input and weights: one GEMM; a per-candidate bias then fans it out.
+                    let mut base = vec![0.0f32; per];
+                    kernels::gemm(&mut base, out, Mat::rows(xs, n, inp), wt_view);
+                    y.chunks_mut(per).enumerate().for_each(|(k, block)| {
+                        block.copy_from_slice(&base);
+                        finish(block, k);
+                    });
+                }
+            }),
+            ParamChunk::PerCandidate(wt) => with_slice(wt, name, |ws| {
+                if x.batched {
+                    y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                        let xv = Mat::rows(&xs[p * n * inp..(p + 1) * n * inp], n, inp);
+                        let wv = Mat::transposed(&ws[p * out * inp..(p + 1) * out * inp], inp, out);
+                        kernels::gemm(block, out, xv, wv);
+                        finish(block, p);
+                    });
+                } else {
+                    // Fold a tile of candidates into the GEMM's columns: X · [W_p…]ᵀ, then scatter.
+                    let tile = (tile_floats() / per.max(1)).max(1);
+                    let xv = Mat::rows(xs, n, inp);
+                    y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
+                        let c0 = t * tile;
+                        let tc = yc.len() / per;
+                        let cols = tc * out;
+                        let mut buf = vec![0.0f32; n * cols];
+                        let wv =
+                            Mat::transposed(&ws[c0 * out * inp..(c0 + tc) * out * inp], inp, cols);
+                        kernels::gemm(&mut buf, cols, xv, wv);
+                        for (k, block) in yc.chunks_exact_mut(per).enumerate() {
+                            for (row, dst) in block.chunks_exact_mut(out).enumerate() {
+                                dst.copy_from_slice(
+                                    &buf[row * cols + k * out..row * cols + (k + 1) * out],
+                                );
+                            }
+                            finish(block, c0 + k);
+                        }
+                    });
+                }
+            }),
+            ParamChunk::LowRank { base, a, b: fb } => {
+                let r = a.dim(2).at(name)?;
+                let (av, bv) = (vec_of(a, name)?, vec_of(fb, name)?);
+                with_slice(base, name, |ws| {
+                    let wt_view = Mat::transposed(ws, inp, out);
+                    if x.batched {
+                        y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            let xp = &xs[p * n * inp..(p + 1) * n * inp];
+                            kernels::gemm(block, out, Mat::rows(xp, n, inp), wt_view);
+                            let mut xb = vec![0.0f32; n * r];
+                            let bp = Mat::rows(&bv[p * inp * r..(p + 1) * inp * r], inp, r);
+                            kernels::gemm(&mut xb, r, Mat::rows(xp, n, inp), bp);
+                            let y0 = block.to_vec();
+                            let ap = &av[p * out * r..(p + 1) * out * r];
+                            kernels::low_rank_rows(block, &y0, &xb, r, 0, ap, r);
+                            finish(block, p);
+                        });
+                    } else {
+                        // X·Wᵀ once; X·[B_1 … B_P] as one GEMM; then per candidate a rank-r update.
+                        let mut y0 = vec![0.0f32; per];
+                        kernels::gemm(&mut y0, out, Mat::rows(xs, n, inp), wt_view);
+                        let mut b_all = vec![0.0f32; inp * pc * r];
+                        for p in 0..pc {
+                            for i in 0..inp {
+                                for j in 0..r {
+                                    b_all[i * pc * r + p * r + j] = bv[p * inp * r + i * r + j];
+                                }
+                            }
+                        }
+                        let mut xb = vec![0.0f32; n * pc * r];
+                        kernels::gemm(
+                            &mut xb,
+                            pc * r,
+                            Mat::rows(xs, n, inp),
+                            Mat::rows(&b_all, inp, pc * r),
+                        );
+                        y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            let ap = &av[p * out * r..(p + 1) * out * r];
+                            kernels::low_rank_rows(block, &y0, &xb, pc * r, p * r, ap, r);
+                            finish(block, p);
+                        });
+                    }
+                })
+            }
+        }
+    })??;
+    if into_dst {
+        return Ok(None);
+    }
+    let dims: Vec<usize> = if batched {
+        vec![pc, n, out]
+    } else {
+        vec![n, out]
+    };
+    let t = Tensor::from_vec(owned, dims, &candle_core::Device::Cpu).at(name)?;
+    Ok(Some(Act { t, batched }))
 }

@@ -35,10 +35,12 @@
 //! parameter across candidates `[P, ..shape]`.
 #![deny(missing_docs)]
 
+pub mod bench;
 mod data;
 mod error;
 pub mod es;
 mod function;
+mod kernels;
 mod layers;
 pub mod metric;
 mod param;
@@ -49,13 +51,39 @@ mod theta;
 
 pub use data::{Examples, Value};
 pub use error::{Error, Result};
-pub use es::{Best, Direction, Es, GenerationStats, Report, Schedule, Shaping, StopReason, Update};
+pub use es::{
+    Best, Direction, Es, EsRun, GenerationStats, Report, Schedule, Shaping, StopReason, Told,
+    Update,
+};
 pub use function::{Activation, HyperFn, IoError, IoParams, Json, RuntimePolicy};
 pub use metric::Metric;
 pub use param::{Bounds, Init, LmParams, Noise, ParamSpec};
 pub use population::{evaluate, evaluate_population, Population, PopulationEval};
 pub use system::{trace_dag, Chain, Cx, Dag, HyperSystem, Node, NodeKind};
 pub use theta::Theta;
+
+/// Sets the number of worker threads of the CPU kernels (the global rayon pool; the
+/// `HYPERFUNC_THREADS` environment variable does the same for the `hyperfunc` CLI).
+///
+/// Call it once, before the first evaluation: the pool cannot be resized once it exists, and a
+/// later call returns [`Error::InvalidConfig`].
+pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::InvalidConfig {
+            field: "threads".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::InvalidConfig {
+            field: "threads".into(),
+            reason: format!(
+                "the thread pool already exists ({e}); call set_threads before any evaluation"
+            ),
+        })
+}
 
 /// Re-exports for `use hyperfunc::prelude::*`.
 pub mod prelude {

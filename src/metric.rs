@@ -5,6 +5,7 @@
 //! (`preds: [P, N, ..]` or shared `[N, ..]`, `targets: [N, ..]`).
 
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 
 use crate::data::Value;
 use crate::error::{Error, Result, TensorContext};
@@ -109,6 +110,152 @@ impl Metric for Accuracy {
     }
 }
 
+/// Checks logits `[P, N, C]` (or shared `[N, C]`) against labels `[N]` (or `[N, 1]`); returns
+/// `(N, C)` and the labels as class indices.
+fn class_labels(name: &str, preds: &Value, targets: &Value) -> Result<(usize, usize, Vec<usize>)> {
+    let z = preds.as_tensor()?;
+    let y = targets.as_tensor()?;
+    let per = if preds.is_batched() {
+        &z.dims()[1..]
+    } else {
+        z.dims()
+    };
+    let n = y.dims().first().copied().unwrap_or(0);
+    if per.len() != 2 || per[0] != n || y.elem_count() != n {
+        return Err(Error::ShapeMismatch {
+            function: name.to_string(),
+            what: "logits".into(),
+            expected: format!("[N={n}, C] per candidate with class labels [N] (or [N, 1])"),
+            actual: z.dims().to_vec(),
+        });
+    }
+    let c = per[1];
+    let raw = y.flatten_all().and_then(|t| t.to_vec1::<f32>()).at(name)?;
+    let labels = raw
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            if l < 0.0 || l as usize >= c || l.fract() != 0.0 {
+                Err(Error::ShapeMismatch {
+                    function: name.to_string(),
+                    what: format!("class label of example {i}"),
+                    expected: format!("an integer in [0, {c})"),
+                    actual: vec![],
+                })
+            } else {
+                Ok(l as usize)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((n, c, labels))
+}
+
+/// The CPU kernel of a class metric: one value per candidate, candidates in parallel.
+fn class_metric_cpu(
+    name: &str,
+    preds: &Value,
+    targets: &Value,
+    pop: usize,
+    f: fn(&[f32], usize, &[usize]) -> f32,
+) -> Result<Option<Vec<f32>>> {
+    let z = preds.as_tensor()?;
+    if !crate::kernels::on_cpu_f32(z) {
+        return Ok(None);
+    }
+    let (n, c, labels) = class_labels(name, preds, targets)?;
+    crate::kernels::with_slice(z, name, |zs| {
+        if preds.is_batched() {
+            zs.par_chunks(n * c)
+                .map(|block| f(block, c, &labels))
+                .collect()
+        } else {
+            vec![f(zs, c, &labels); pop]
+        }
+    })
+    .map(Some)
+}
+
+/// Logits as `[P, N, C]` and labels one-hot `[N, C]` (the device-agnostic path).
+fn logits_and_onehot(
+    name: &str,
+    preds: &Value,
+    targets: &Value,
+    pop: usize,
+) -> Result<(Tensor, Tensor)> {
+    let z = preds.as_tensor()?;
+    let (n, c, labels) = class_labels(name, preds, targets)?;
+    let mut onehot = vec![0f32; n * c];
+    for (i, &k) in labels.iter().enumerate() {
+        onehot[i * c + k] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (n, c), z.device()).at(name)?;
+    let z = if preds.is_batched() {
+        z.clone()
+    } else {
+        z.unsqueeze(0)
+            .and_then(|t| t.broadcast_as((pop, n, c)))
+            .at(name)?
+    };
+    Ok((z, onehot))
+}
+
+/// Mean softmax cross-entropy of logits `[.., N, C]` against class labels `[N]` (lower is better).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrossEntropy;
+
+impl Metric for CrossEntropy {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        if let Some(v) = class_metric_cpu(
+            "cross_entropy",
+            preds,
+            targets,
+            pop,
+            crate::kernels::cross_entropy,
+        )? {
+            return Ok(v);
+        }
+        let (z, onehot) = logits_and_onehot("cross_entropy", preds, targets, pop)?;
+        let ce = (|| {
+            let max = z.max_keepdim(D::Minus1)?;
+            let shifted = z.broadcast_sub(&max)?;
+            let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            let picked = shifted.broadcast_mul(&onehot)?.sum_keepdim(D::Minus1)?;
+            (lse - picked)?.squeeze(D::Minus1)
+        })()
+        .at("cross_entropy")?;
+        per_candidate("cross_entropy", ce)
+    }
+}
+
+/// Fraction of examples whose largest logit is the labelled class (higher is better).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClassAccuracy;
+
+impl Metric for ClassAccuracy {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        if let Some(v) = class_metric_cpu(
+            "class_accuracy",
+            preds,
+            targets,
+            pop,
+            crate::kernels::class_accuracy,
+        )? {
+            return Ok(v);
+        }
+        let (z, onehot) = logits_and_onehot("class_accuracy", preds, targets, pop)?;
+        let hit = (|| {
+            let max = z.max_keepdim(D::Minus1)?;
+            let picked = z.broadcast_mul(&onehot)?.sum_keepdim(D::Minus1)?;
+            picked
+                .ge(&max)?
+                .to_dtype(candle_core::DType::F32)?
+                .squeeze(D::Minus1)
+        })()
+        .at("class_accuracy")?;
+        per_candidate("class_accuracy", hit)
+    }
+}
+
 /// A metric from a closure over one candidate's predictions `[N, ..]` and the targets.
 pub struct FnMetric<F>(pub F);
 
@@ -178,6 +325,16 @@ pub fn mse() -> Mse {
 /// Accuracy at threshold 0.5.
 pub fn accuracy() -> Accuracy {
     Accuracy::default()
+}
+
+/// Softmax cross-entropy against class labels.
+pub fn cross_entropy() -> CrossEntropy {
+    CrossEntropy
+}
+
+/// Top-1 accuracy against class labels.
+pub fn class_accuracy() -> ClassAccuracy {
+    ClassAccuracy
 }
 
 /// A per-candidate tensor metric from a closure.

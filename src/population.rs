@@ -40,6 +40,19 @@ pub(crate) enum ParamChunk {
 }
 
 impl ParamChunk {
+    /// Candidates `[c0, c0 + n)` of this chunk.
+    pub fn narrow(&self, c0: usize, n: usize) -> candle_core::Result<ParamChunk> {
+        Ok(match self {
+            ParamChunk::Shared(t) => ParamChunk::Shared(t.clone()),
+            ParamChunk::PerCandidate(t) => ParamChunk::PerCandidate(t.narrow(0, c0, n)?),
+            ParamChunk::LowRank { base, a, b } => ParamChunk::LowRank {
+                base: base.clone(),
+                a: a.narrow(0, c0, n)?,
+                b: b.narrow(0, c0, n)?,
+            },
+        })
+    }
+
     /// The raw values per candidate, `[pc, ..shape]` (forms the product for low-rank noise).
     pub fn materialize(&self, pc: usize) -> candle_core::Result<Tensor> {
         match self {

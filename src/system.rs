@@ -366,11 +366,8 @@ impl Cx {
         input: Value,
     ) -> Result<Value> {
         let name = f.name.as_str();
-        let mut x = self.tensor_input(name, &input)?;
-        let params = self.params(f)?;
-        for (l, wb) in layers.iter().zip(params.chunks(2)) {
-            x = layers::linear(name, &x, *l, &wb[0], &wb[1], self.pc)?;
-        }
+        let x = self.tensor_input(name, &input)?;
+        let x = layers::forward(name, x, layers, self.params(f)?, self.pc)?;
         let id = self.record(name, NodeKind::Tensor, &[input.node]);
         let v = if x.batched {
             Value::batched(x.t)

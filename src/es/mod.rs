@@ -28,6 +28,9 @@ use crate::population::{evaluate_with, Population};
 use crate::system::HyperSystem;
 use crate::theta::{Registry, Theta};
 
+/// Rows (candidates × examples) per batched forward unless configured otherwise.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 1 << 16;
+
 /// Whether the metric is to be maximised or minimised. There is no implicit default in the
 /// maths: [`Es`] starts at `Maximize` and says so in its docs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -176,7 +179,7 @@ impl Default for Es {
             patience: None,
             target: None,
             antithetic: true,
-            max_batch_size: 1 << 16,
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             max_failure_rate: 1.0,
             progress: true,
             device: Device::Cpu,
@@ -313,6 +316,26 @@ impl Es {
         self.lr_schedule.validate("lr_schedule")
     }
 
+    /// Starts a run: θ initialised from the specs (or [`Es::init`]), generation 0. Drive it with
+    /// [`EsRun::ask`] / [`EsRun::tell`], or let [`Es::optimize`] do it.
+    pub fn start<S: HyperSystem + ?Sized>(&self, sys: &S) -> Result<EsRun> {
+        self.validate()?;
+        let reg = Arc::new(Registry::of(sys)?);
+        let theta = match &self.init {
+            Some(t) => t.clone(),
+            None => Theta::from_registry(&reg, self.seed, &self.device)?,
+        };
+        theta.check(&reg)?;
+        Ok(EsRun {
+            es: self.clone(),
+            reg,
+            theta,
+            generation: 0,
+            state: update::UpdateState::default(),
+            pending: None,
+        })
+    }
+
     /// Optimises the system's θ on `examples` against `metric`.
     pub async fn optimize<S: HyperSystem>(
         &self,
@@ -320,40 +343,23 @@ impl Es {
         examples: &Examples,
         metric: &dyn Metric,
     ) -> Result<Report> {
-        self.validate()?;
         if examples.is_empty() {
             return Err(Error::EmptyExamples);
         }
-        let reg = Arc::new(Registry::of(sys)?);
-        let mut theta = match &self.init {
-            Some(t) => t.clone(),
-            None => Theta::from_registry(&reg, self.seed, &self.device)?,
-        };
-        theta.check(&reg)?;
-
+        let mut run = self.start(sys)?;
         let start = Instant::now();
         let bar = self.progress_bar();
         let p = self.pop_size;
-        let pairs = if self.antithetic { p / 2 } else { p };
-        let mut state = update::UpdateState::default();
         let mut history = Vec::with_capacity(self.generations);
         let mut best: Option<Best> = None;
         let mut since_improved = 0;
         let mut stop = StopReason::Generations;
 
         for g in 0..self.generations {
-            let sigma = self.sigma_schedule.at(self.sigma, g, self.generations);
-            let lr = self.lr_schedule.at(self.lr, g, self.generations);
-            let key = noise::NoiseKey {
-                seed: self.seed,
-                generation: g as u64,
-            };
-            let draws = noise::draw(&reg, key, pairs, &self.device)?;
-            let pop = Arc::new(noise::population(&theta, &draws, sigma, self.antithetic)?);
-
+            let pop = run.ask_shared()?;
             let t0 = Instant::now();
             let eval = evaluate_with(
-                &reg,
+                &run.reg,
                 sys,
                 pop.clone(),
                 examples,
@@ -363,43 +369,29 @@ impl Es {
             .await?;
             let eval_s = t0.elapsed().as_secs_f64();
 
-            let (u, bad) = shaping::utilities(&eval.fitness, self.direction, self.shaping);
-            let failed = bad.max(eval.failed);
-            if failed == p || failed as f64 > self.max_failure_rate * p as f64 {
-                return Err(Error::TooManyFailures {
-                    generation: g,
-                    failed,
-                    pop_size: p,
-                    allowed: self.max_failure_rate,
-                });
-            }
-
             // Best candidate of this generation (finite values only).
             let mut gen_best: Option<(usize, f32)> = None;
             for (i, &f) in eval.fitness.iter().enumerate() {
-                if gen_best.is_none_or(|(_, b)| self.direction.better(f, b)) && f.is_finite() {
+                if f.is_finite() && gen_best.is_none_or(|(_, b)| self.direction.better(f, b)) {
                     gen_best = Some((i, f));
                 }
             }
-            let improved = match (gen_best, &best) {
-                (Some((_, f)), Some(b)) => self.direction.better(f, b.fitness),
-                (Some(_), None) => true,
-                _ => false,
-            };
-            if improved {
-                if let Some((i, f)) = gen_best {
+            let told = run.tell(&eval.fitness)?;
+            match gen_best {
+                Some((i, f))
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| self.direction.better(f, b.fitness)) =>
+                {
                     best = Some(Best {
                         theta: pop.candidate(i)?,
                         fitness: f,
                         generation: g,
                     });
+                    since_improved = 0;
                 }
-                since_improved = 0;
-            } else {
-                since_improved += 1;
+                _ => since_improved += 1,
             }
-
-            theta = self.step(&reg, &theta, &draws, &u, sigma, lr, &mut state)?;
 
             let finite: Vec<f64> = eval
                 .fitness
@@ -416,9 +408,9 @@ impl Es {
                 best: gen_best.map_or(f32::NAN, |(_, f)| f),
                 mean: mean as f32,
                 std: std as f32,
-                sigma,
-                lr,
-                failed,
+                sigma: told.sigma,
+                lr: told.lr,
+                failed: told.failed,
                 evals_per_sec: p as f64 / eval_s.max(1e-12),
                 seconds: start.elapsed().as_secs_f64(),
             };
@@ -439,8 +431,10 @@ impl Es {
         }
         bar.finish_and_clear();
 
+        let theta = run.theta;
         let center = Arc::new(Population::center(theta.clone()));
-        let fin = evaluate_with(&reg, sys, center, examples, metric, self.max_batch_size).await?;
+        let fin =
+            evaluate_with(&run.reg, sys, center, examples, metric, self.max_batch_size).await?;
         Ok(Report {
             theta,
             final_fitness: fin.fitness[0],
@@ -463,52 +457,36 @@ impl Es {
         self.validate()?;
         let reg = Registry::of(sys)?;
         theta.check(&reg)?;
-        let pairs = if self.antithetic {
+        let (pop, _) = self.sample(&reg, theta, generation)?;
+        Ok(pop)
+    }
+
+    fn pairs(&self) -> usize {
+        if self.antithetic {
             self.pop_size / 2
         } else {
             self.pop_size
-        };
+        }
+    }
+
+    fn sample(
+        &self,
+        reg: &Registry,
+        theta: &Theta,
+        generation: usize,
+    ) -> Result<(Population, Draws)> {
         let key = noise::NoiseKey {
             seed: self.seed,
             generation: generation as u64,
         };
-        let draws = noise::draw(&reg, key, pairs, &self.device)?;
+        let draws = noise::draw(reg, key, self.pairs(), &self.device)?;
         let sigma = self
             .sigma_schedule
             .at(self.sigma, generation, self.generations);
-        noise::population(theta, &draws, sigma, self.antithetic)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn step(
-        &self,
-        reg: &Registry,
-        theta: &Theta,
-        draws: &std::collections::BTreeMap<String, noise::GenNoise>,
-        u: &[f32],
-        sigma: f64,
-        lr: f64,
-        state: &mut update::UpdateState,
-    ) -> Result<Theta> {
-        let p = u.len();
-        // gradient = Σ w_k ε_k / (P σ); compat step = lr·√P·(Σ w_k ε_k)/P.
-        let scale = match self.update {
-            Update::Compat => (p as f64).sqrt() / p as f64,
-            _ => 1.0 / (p as f64 * sigma),
-        };
-        state.begin();
-        let mut next = Theta::default();
-        for (name, sum) in noise_sums(reg, draws, u, self.antithetic, &self.device)? {
-            let t = theta
-                .get(&name)
-                .ok_or_else(|| Error::MissingParameter { name: name.clone() })?;
-            let grad = (sum * scale).at(&name)?;
-            next.insert(
-                &name,
-                state.step(self.update, &name, t, &grad, lr, self.weight_decay)?,
-            );
-        }
-        Ok(next)
+        Ok((
+            noise::population(theta, &draws, sigma, self.antithetic)?,
+            draws,
+        ))
     }
 
     fn progress_bar(&self) -> ProgressBar {
@@ -539,18 +517,16 @@ pub async fn gradient_estimate<S: HyperSystem>(
     es.validate()?;
     let reg = Arc::new(Registry::of(sys)?);
     theta.check(&reg)?;
-    let pairs = if es.antithetic {
-        es.pop_size / 2
-    } else {
-        es.pop_size
-    };
-    let key = noise::NoiseKey {
-        seed: es.seed,
-        generation: generation as u64,
-    };
-    let draws = noise::draw(&reg, key, pairs, &es.device)?;
-    let pop = Arc::new(noise::population(theta, &draws, es.sigma, es.antithetic)?);
-    let eval = evaluate_with(&reg, sys, pop, examples, metric, es.max_batch_size).await?;
+    let (pop, draws) = es.sample(&reg, theta, generation)?;
+    let eval = evaluate_with(
+        &reg,
+        sys,
+        Arc::new(pop),
+        examples,
+        metric,
+        es.max_batch_size,
+    )
+    .await?;
     let (u, _) = shaping::utilities(&eval.fitness, es.direction, es.shaping);
     let mut g = Theta::default();
     for (name, sum) in noise_sums(&reg, &draws, &u, es.antithetic, &es.device)? {
@@ -560,10 +536,147 @@ pub async fn gradient_estimate<S: HyperSystem>(
     Ok(g)
 }
 
+type Draws = std::collections::BTreeMap<String, noise::GenNoise>;
+
+/// What [`EsRun::tell`] reports about the generation it closed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Told {
+    /// σ the generation used.
+    pub sigma: f64,
+    /// Learning rate of the update.
+    pub lr: f64,
+    /// Candidates with a non-finite fitness (ranked worst).
+    pub failed: usize,
+}
+
+struct Pending {
+    pop: Arc<Population>,
+    draws: Draws,
+    sigma: f64,
+    lr: f64,
+}
+
+/// A run of [`Es`] driven step by step: [`EsRun::ask`] gives the generation's candidates,
+/// [`EsRun::tell`] takes their fitness and updates θ. The strategy is pure and synchronous: where
+/// and how the candidates are evaluated (batched here, on remote workers, by hand) is the caller's
+/// business.
+///
+/// # Examples
+/// ```
+/// use hyperfunc::prelude::*;
+/// let net = Chain::new(vec![HyperFn::linear("f", 1, 1, Activation::Identity)]);
+/// let mut run = Es::default().pop_size(8).start(&net)?;
+/// let pop = run.ask()?;
+/// let fitness: Vec<f32> = (0..pop.size()).map(|i| i as f32).collect();
+/// run.tell(&fitness)?;
+/// assert_eq!(run.generation(), 1);
+/// # Ok::<(), hyperfunc::Error>(())
+/// ```
+pub struct EsRun {
+    es: Es,
+    reg: Arc<Registry>,
+    theta: Theta,
+    generation: usize,
+    state: update::UpdateState,
+    pending: Option<Pending>,
+}
+
+impl EsRun {
+    /// The current mean θ.
+    pub fn theta(&self) -> &Theta {
+        &self.theta
+    }
+
+    /// Generations completed so far.
+    pub fn generation(&self) -> usize {
+        self.generation
+    }
+
+    /// The candidates of the current generation (drawn once; asking again returns the same).
+    pub fn ask(&mut self) -> Result<Population> {
+        Ok(self.ask_shared()?.as_ref().clone())
+    }
+
+    fn ask_shared(&mut self) -> Result<Arc<Population>> {
+        if let Some(p) = &self.pending {
+            return Ok(p.pop.clone());
+        }
+        let g = self.generation;
+        let (pop, draws) = self.es.sample(&self.reg, &self.theta, g)?;
+        let pop = Arc::new(pop);
+        self.pending = Some(Pending {
+            pop: pop.clone(),
+            draws,
+            sigma: self
+                .es
+                .sigma_schedule
+                .at(self.es.sigma, g, self.es.generations),
+            lr: self.es.lr_schedule.at(self.es.lr, g, self.es.generations),
+        });
+        Ok(pop)
+    }
+
+    /// Takes one fitness per candidate of the last [`EsRun::ask`] and updates θ.
+    pub fn tell(&mut self, fitness: &[f32]) -> Result<Told> {
+        let es = &self.es;
+        let p = es.pop_size;
+        if fitness.len() != p {
+            return Err(Error::ShapeMismatch {
+                function: "EsRun::tell".into(),
+                what: "fitness".into(),
+                expected: format!("{p} values (one per candidate)"),
+                actual: vec![fitness.len()],
+            });
+        }
+        let pending = self.pending.take().ok_or_else(|| {
+            Error::config(
+                "tell",
+                "call ask() before tell(): there is no generation to close",
+            )
+        })?;
+        let (u, failed) = shaping::utilities(fitness, es.direction, es.shaping);
+        if failed == p || failed as f64 > es.max_failure_rate * p as f64 {
+            self.pending = Some(pending);
+            return Err(Error::TooManyFailures {
+                generation: self.generation,
+                failed,
+                pop_size: p,
+                allowed: es.max_failure_rate,
+            });
+        }
+        // gradient = Σ w_k ε_k / (P σ); compat step = lr·√P·(Σ w_k ε_k)/P.
+        let scale = match es.update {
+            Update::Compat => (p as f64).sqrt() / p as f64,
+            _ => 1.0 / (p as f64 * pending.sigma),
+        };
+        self.state.begin();
+        let mut next = Theta::default();
+        for (name, sum) in noise_sums(&self.reg, &pending.draws, &u, es.antithetic, &es.device)? {
+            let t = self
+                .theta
+                .get(&name)
+                .ok_or_else(|| Error::MissingParameter { name: name.clone() })?;
+            let grad = (sum * scale).at(&name)?;
+            next.insert(
+                &name,
+                self.state
+                    .step(es.update, &name, t, &grad, pending.lr, es.weight_decay)?,
+            );
+        }
+        self.theta = next;
+        self.generation += 1;
+        Ok(Told {
+            sigma: pending.sigma,
+            lr: pending.lr,
+            failed,
+        })
+    }
+}
+
 /// `Σ_k w_k ε_k` per parameter, with `w_k = u₊ − u₋` for mirrored pairs and `u_k` otherwise.
 fn noise_sums(
     reg: &Registry,
-    draws: &std::collections::BTreeMap<String, noise::GenNoise>,
+    draws: &Draws,
     u: &[f32],
     antithetic: bool,
     device: &Device,

@@ -1,0 +1,517 @@
+//! The benchmark runner behind `hyperfunc bench`: the two standard ES tasks, defined bit for bit
+//! so other libraries can run the identical task (see `shared/peer-benches/tasks.py`), and the
+//! machine's matrix-multiply peak, so every throughput can be read as a fraction of it.
+//!
+//! Task A trains a linear classifier by OpenAI-ES (dense and rank-1 noise); Task B measures how
+//! fast a population of MLP candidates turns into fitness values (materialized dense candidates and
+//! the low-rank fast path). This module only measures; it changes nothing in the engine.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::{Result, TensorContext};
+use crate::function::{Activation, HyperFn};
+use crate::param::ParamSpec;
+use crate::population::{evaluate_population, Population};
+use crate::system::Chain;
+use crate::{evaluate, metric, Es, Examples, Theta};
+
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The task generator: SplitMix64 outputs turned into standard normals by Box–Muller (f64, then
+/// rounded to f32), exactly as `tasks.py` specifies.
+///
+/// # Examples
+/// ```
+/// let mut g = hyperfunc::bench::SplitMix64Normals::new(42);
+/// let v = g.normals(4);
+/// assert!((v[0] - 0.41471976).abs() < 1e-7);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SplitMix64Normals {
+    seed: u64,
+    k: u64,
+}
+
+impl SplitMix64Normals {
+    /// A stream seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { seed, k: 0 }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.k += 1;
+        let mut z = self.seed.wrapping_add(self.k.wrapping_mul(GAMMA));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The next `m` normals (an odd count discards the last sine value, as in `tasks.py`).
+    pub fn normals(&mut self, m: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(m + 1);
+        for _ in 0..m.div_ceil(2) {
+            let (o1, o2) = (self.next_u64(), self.next_u64());
+            let u1 = ((o1 >> 11) as f64 + 1.0) * 2f64.powi(-53);
+            let u2 = (o2 >> 11) as f64 * 2f64.powi(-53);
+            let r = (-2.0 * u1.ln()).sqrt();
+            let t = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * t.cos()) as f32);
+            out.push((r * t.sin()) as f32);
+        }
+        out.truncate(m);
+        out
+    }
+}
+
+/// Task A's data: teacher, train and test sets (row-major), labels from the teacher in f64.
+#[derive(Clone, Debug)]
+pub struct TaskAData {
+    /// Teacher weights `[10, 64]`.
+    pub w_teacher: Vec<f32>,
+    /// Training inputs `[1024, 64]`.
+    pub x_train: Vec<f32>,
+    /// Training labels.
+    pub y_train: Vec<usize>,
+    /// Test inputs `[1024, 64]`.
+    pub x_test: Vec<f32>,
+    /// Test labels.
+    pub y_test: Vec<usize>,
+}
+
+const A_C: usize = 10;
+const A_D: usize = 64;
+const A_N: usize = 1024;
+
+/// Generates Task A (seed 42).
+pub fn task_a_data() -> TaskAData {
+    let mut g = SplitMix64Normals::new(42);
+    let w_teacher = g.normals(A_C * A_D);
+    let x_train = g.normals(A_N * A_D);
+    let x_test = g.normals(A_N * A_D);
+    let labels = |x: &[f32]| -> Vec<usize> {
+        x.chunks(A_D)
+            .map(|row| {
+                let logits = w_teacher.chunks(A_D).map(|w| {
+                    row.iter()
+                        .zip(w)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                });
+                logits
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |best, (c, v)| {
+                        if v > best.1 {
+                            (c, v)
+                        } else {
+                            best
+                        }
+                    })
+                    .0
+            })
+            .collect()
+    };
+    let (y_train, y_test) = (labels(&x_train), labels(&x_test));
+    TaskAData {
+        w_teacher,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+    }
+}
+
+/// Task B's data: θ0 (flat, 2410 values: W1, b1, W2, b2) and the inputs `[256, 64]`.
+#[derive(Clone, Debug)]
+pub struct TaskBData {
+    /// Flat parameters `[W1 (32×64), b1 (32), W2 (10×32), b2 (10)]`.
+    pub theta0: Vec<f32>,
+    /// Inputs `[256, 64]`.
+    pub x: Vec<f32>,
+    /// Labels `n mod 10`.
+    pub y: Vec<usize>,
+}
+
+/// Generates Task B (seed 7).
+pub fn task_b_data() -> TaskBData {
+    let mut g = SplitMix64Normals::new(7);
+    let w1: Vec<f32> = g
+        .normals(32 * 64)
+        .iter()
+        .map(|v| v * (1.0f32 / 8.0))
+        .collect();
+    let s2 = (1.0 / 32f64.sqrt()) as f32;
+    let w2: Vec<f32> = g.normals(10 * 32).iter().map(|v| v * s2).collect();
+    let x = g.normals(256 * 64);
+    let mut theta0 = w1;
+    theta0.extend(std::iter::repeat_n(0.0, 32));
+    theta0.extend(w2);
+    theta0.extend(std::iter::repeat_n(0.0, 10));
+    TaskBData {
+        theta0,
+        x,
+        y: (0..256).map(|n| n % 10).collect(),
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// A reduced run of a few seconds, for smoke tests.
+    pub quick: bool,
+    /// Rows per batched forward (candidate tiles of `max_batch_size / N` candidates).
+    pub max_batch_size: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            quick: false,
+            max_batch_size: crate::es::DEFAULT_MAX_BATCH_SIZE,
+        }
+    }
+}
+
+/// The machine the figures were measured on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// Logical cores available to this process.
+    pub cores: usize,
+    /// CPU model from `/proc/cpuinfo` (or `unknown`).
+    pub cpu_model: String,
+    /// Threads the matrix kernels use (`HYPERFUNC_THREADS` / `RAYON_NUM_THREADS`).
+    pub threads: usize,
+    /// Whether the CPU has AVX-512F (detected at run time).
+    pub avx512: bool,
+    /// hyperfunc version.
+    pub version: &'static str,
+}
+
+/// One Task A configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskARun {
+    /// `dense` or `rank1`.
+    pub noise: &'static str,
+    /// Median milliseconds per generation over the runs.
+    pub ms_per_gen: f64,
+    /// Milliseconds per generation of each run (noise seeds 1, 2, 3).
+    pub ms_per_gen_runs: Vec<f64>,
+    /// Train accuracy of the final mean W (first run).
+    pub train_acc: f32,
+    /// Test accuracy of the final mean W (first run).
+    pub test_acc: f32,
+    /// Train cross-entropy of the final mean W (first run).
+    pub train_ce: f32,
+    /// Generations per run.
+    pub generations: usize,
+}
+
+/// One Task B measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskBRow {
+    /// `dense` (materialized candidates) or `low_rank` (rank-1 fast path).
+    pub variant: &'static str,
+    /// Population size.
+    pub pop: usize,
+    /// Median candidate-example evaluations per second.
+    pub evals_per_sec: f64,
+    /// Achieved GFLOP/s at 2·(64·32 + 32·10) flops per evaluation.
+    pub gflops: f64,
+    /// `gflops / peak_gflops`.
+    pub frac_of_peak: f64,
+}
+
+/// The whole report, as `hyperfunc bench --json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Where it ran.
+    pub machine: Machine,
+    /// fp32 GFLOP/s of a large square matmul through candle's CPU backend.
+    pub peak_gflops: f64,
+    /// Task A, dense and rank-1 noise.
+    pub task_a: Vec<TaskARun>,
+    /// Task B rows.
+    pub task_b: Vec<TaskBRow>,
+    /// Whether this was a `--quick` run.
+    pub quick: bool,
+    /// Total seconds.
+    pub seconds: f64,
+}
+
+/// Flops per Task B evaluation.
+pub const TASK_B_FLOPS: f64 = 2.0 * (64.0 * 32.0 + 32.0 * 10.0);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Detects the machine.
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        threads: candle_core::utils::get_num_threads(),
+        avx512,
+        version: env!("CARGO_PKG_VERSION"),
+    }
+}
+
+/// fp32 GFLOP/s of an `n × n` matmul through candle (median of 5 after a warm-up).
+pub fn peak_gflops(n: usize) -> Result<f64> {
+    let dev = Device::Cpu;
+    let mut g = SplitMix64Normals::new(1);
+    let a = Tensor::from_vec(g.normals(n * n), (n, n), &dev).at("peak")?;
+    let b = Tensor::from_vec(g.normals(n * n), (n, n), &dev).at("peak")?;
+    a.matmul(&b).at("peak")?;
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut reps = 0;
+        while reps < 2 || t.elapsed().as_secs_f64() < 0.2 {
+            a.matmul(&b).at("peak")?;
+            reps += 1;
+        }
+        rates.push(2.0 * (n as f64).powi(3) * reps as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(median(rates))
+}
+
+fn labels_tensor(y: &[usize], dev: &Device) -> Result<Tensor> {
+    Tensor::from_vec(
+        y.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        y.len(),
+        dev,
+    )
+    .at("labels")
+}
+
+/// Runs Task A with dense (`rank = None`) or low-rank noise.
+pub async fn task_a(data: &TaskAData, rank: Option<usize>, cfg: &BenchConfig) -> Result<TaskARun> {
+    let dev = Device::Cpu;
+    let spec = ParamSpec::matrix(A_C, A_D).zeros();
+    let spec = match rank {
+        Some(r) => spec.noise_rank(r),
+        None => spec,
+    };
+    let student = HyperFn::linear_no_bias("student", A_D, A_C, Activation::Identity)
+        .with_param("student.weight", spec);
+    let net = Chain::new(vec![student]);
+    let x = Tensor::from_vec(data.x_train.clone(), (A_N, A_D), &dev).at("task_a")?;
+    let train = Examples::tensors(x, labels_tensor(&data.y_train, &dev)?)?;
+    let xt = Tensor::from_vec(data.x_test.clone(), (A_N, A_D), &dev).at("task_a")?;
+    let test = Examples::tensors(xt, labels_tensor(&data.y_test, &dev)?)?;
+    let generations = if cfg.quick { 10 } else { 100 };
+    let seeds: &[u64] = if cfg.quick { &[1] } else { &[1, 2, 3] };
+    let mut runs = Vec::new();
+    let mut first = None;
+    for &seed in seeds {
+        let es = Es::default()
+            .pop_size(256)
+            .sigma(0.05)
+            .lr(0.05)
+            .generations(generations)
+            .seed(seed)
+            .minimize()
+            .max_batch_size(cfg.max_batch_size)
+            .progress(false);
+        let t = Instant::now();
+        let report = es.optimize(&net, &train, &metric::cross_entropy()).await?;
+        runs.push(t.elapsed().as_secs_f64() * 1e3 / generations as f64);
+        first.get_or_insert(report.theta);
+    }
+    let theta = first.unwrap_or_default();
+    Ok(TaskARun {
+        noise: if rank.is_some() { "rank1" } else { "dense" },
+        ms_per_gen: median(runs.clone()),
+        ms_per_gen_runs: runs,
+        train_acc: evaluate(&net, &theta, &train, &metric::class_accuracy()).await?,
+        test_acc: evaluate(&net, &theta, &test, &metric::class_accuracy()).await?,
+        train_ce: evaluate(&net, &theta, &train, &metric::cross_entropy()).await?,
+        generations,
+    })
+}
+
+/// The Task B network and θ0.
+pub fn task_b_system(data: &TaskBData, low_rank: bool) -> Result<(Chain, Theta, Examples)> {
+    let dev = Device::Cpu;
+    let mlp = HyperFn::mlp("mlp", &[64, 32, 10], Activation::Tanh, Activation::Identity);
+    let mlp = if low_rank { mlp.noise_rank(1) } else { mlp };
+    let t = &data.theta0;
+    let part = |a: usize, b: usize, shape: &[usize]| {
+        Tensor::from_vec(t[a..b].to_vec(), shape.to_vec(), &dev).at("task_b")
+    };
+    let theta = Theta::from_tensors([
+        ("mlp.0.weight".to_string(), part(0, 2048, &[32, 64])?),
+        ("mlp.0.bias".to_string(), part(2048, 2080, &[32])?),
+        ("mlp.1.weight".to_string(), part(2080, 2400, &[10, 32])?),
+        ("mlp.1.bias".to_string(), part(2400, 2410, &[10])?),
+    ]);
+    let x = Tensor::from_vec(data.x.clone(), (256, 64), &dev).at("task_b")?;
+    let examples = Examples::tensors(x, labels_tensor(&data.y, &dev)?)?;
+    Ok((Chain::new(vec![mlp]), theta, examples))
+}
+
+/// The Task B population of `pop` candidates: materialized dense, or rank-1 factors.
+pub fn task_b_population(
+    net: &Chain,
+    theta: &Theta,
+    pop: usize,
+    low_rank: bool,
+) -> Result<Population> {
+    let es = Es::default().pop_size(pop).sigma(0.05).seed(11);
+    let sampled = es.population(net, theta, 0)?;
+    if low_rank {
+        return Ok(sampled);
+    }
+    let thetas = (0..pop)
+        .map(|i| sampled.candidate(i))
+        .collect::<Result<Vec<_>>>()?;
+    Population::from_thetas(&thetas)
+}
+
+/// Candidate-example evaluations per second for one Task B configuration (median of `reps`
+/// blocks of at least `min_secs` each, after a warm-up).
+pub async fn task_b(
+    data: &TaskBData,
+    pop: usize,
+    low_rank: bool,
+    min_secs: f64,
+    reps: usize,
+    max_batch_size: usize,
+) -> Result<f64> {
+    let (net, theta, examples) = task_b_system(data, low_rank)?;
+    let population = task_b_population(&net, &theta, pop, low_rank)?;
+    let ce = metric::cross_entropy();
+    evaluate_population(&net, &population, &examples, &ce, max_batch_size).await?;
+    let mut rates = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let mut n = 0usize;
+        while n == 0 || t.elapsed().as_secs_f64() < min_secs {
+            evaluate_population(&net, &population, &examples, &ce, max_batch_size).await?;
+            n += 1;
+        }
+        rates.push((n * pop * 256) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+/// Runs everything.
+pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
+    let start = Instant::now();
+    let peak = peak_gflops(if cfg.quick { 512 } else { 1024 })?;
+    let a = task_a_data();
+    let task_a = vec![
+        task_a(&a, None, cfg).await?,
+        task_a(&a, Some(1), cfg).await?,
+    ];
+    let b = task_b_data();
+    let (min_secs, reps) = if cfg.quick { (0.05, 1) } else { (1.0, 3) };
+    let mut task_b_rows = Vec::new();
+    for low_rank in [false, true] {
+        for pop in [64, 256, 1024] {
+            let rate = task_b(&b, pop, low_rank, min_secs, reps, cfg.max_batch_size).await?;
+            let gflops = rate * TASK_B_FLOPS / 1e9;
+            task_b_rows.push(TaskBRow {
+                variant: if low_rank { "low_rank" } else { "dense" },
+                pop,
+                evals_per_sec: rate,
+                gflops,
+                frac_of_peak: gflops / peak,
+            });
+        }
+    }
+    Ok(BenchReport {
+        machine: machine(),
+        peak_gflops: peak,
+        task_a,
+        task_b: task_b_rows,
+        quick: cfg.quick,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A human-readable table of a report.
+pub fn render(r: &BenchReport) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    s.push_str(&format!(
+        "machine: {} ({} cores, {} threads, avx512: {})\npeak fp32 matmul: {:.1} GFLOP/s\n\n",
+        m.cpu_model, m.cores, m.threads, m.avx512, r.peak_gflops
+    ));
+    s.push_str("Task A  linear classifier by ES (pop 256, 100 gens)\n");
+    s.push_str("  noise   ms/gen   train acc  test acc  train CE\n");
+    for a in &r.task_a {
+        s.push_str(&format!(
+            "  {:<6} {:>7.2}   {:>9.3}  {:>8.3}  {:>8.4}\n",
+            a.noise, a.ms_per_gen, a.train_acc, a.test_acc, a.train_ce
+        ));
+    }
+    s.push_str("\nTask B  population evaluation, MLP 64-32-10 on 256 rows\n");
+    s.push_str("  variant     P     M evals/s   GFLOP/s  of peak\n");
+    for b in &r.task_b {
+        s.push_str(&format!(
+            "  {:<9} {:>5}  {:>10.2}  {:>8.1}  {:>6.1}%\n",
+            b.variant,
+            b.pop,
+            b.evals_per_sec / 1e6,
+            b.gflops,
+            100.0 * b.frac_of_peak
+        ));
+    }
+    s.push_str(&format!(
+        "\n{:.1} s{}\n",
+        r.seconds,
+        if r.quick { " (quick)" } else { "" }
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_matches_the_reference_check_values() {
+        let v = SplitMix64Normals::new(42).normals(4);
+        let want = [0.414_719_76f32, 0.652_681_2, -0.891_886_2, 1.326_833_6];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-7, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn task_a_class_counts_match_the_reference() {
+        let a = task_a_data();
+        let mut counts = [0usize; 10];
+        a.y_train.iter().for_each(|&y| counts[y] += 1);
+        assert_eq!(counts, [96, 105, 103, 60, 73, 86, 127, 120, 131, 123]);
+    }
+
+    #[test]
+    fn task_b_theta0_has_2410_values() {
+        let b = task_b_data();
+        assert_eq!(b.theta0.len(), 2410);
+        assert_eq!(b.x.len(), 256 * 64);
+    }
+}

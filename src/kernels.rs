@@ -1,0 +1,397 @@
+//! CPU kernels of the hot path: GEMM on raw slices through the `gemm` crate (the backend candle's
+//! CPU matmul uses), branch-free `exp`/`tanh`/`ln` that the compiler vectorizes, and helpers to
+//! read candle tensors without copying.
+//!
+//! Elementwise maths is fused into the pass that writes a GEMM's output while it is still in cache
+//! (bias + activation), instead of one candle op (one allocation, one memory pass) per step.
+
+use candle_core::{Storage, Tensor};
+
+use crate::error::{Error, Result};
+use crate::function::Activation;
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if it is not contiguous).
+pub(crate) fn with_slice<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous().map_err(Error::tensor(what))?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::config(
+            what,
+            "the CPU kernel got a tensor that is not on the CPU",
+        ));
+    };
+    let data = cpu.as_slice::<f32>().map_err(Error::tensor(what))?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::config(what, "tensor is not contiguous after contiguous()"))?;
+    Ok(f(&data[a..b]))
+}
+
+/// Whether a tensor can take the CPU kernels (CPU device, f32).
+pub(crate) fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// A row-major matrix view: `rows × cols` with the given strides (in elements).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A contiguous row-major matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose view of a contiguous row-major `cols × rows` matrix.
+    pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m × n] (row stride dst_rs) = lhs · rhs`, single-threaded.
+///
+/// # Panics
+/// If a view does not fit its slice or the shapes disagree: callers check shapes first, so this
+/// is an internal invariant.
+pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
+    assert!(
+        lhs.fits() && rhs.fits(),
+        "gemm: a view does not fit its slice"
+    );
+    assert!(
+        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: destination too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: every element the kernel reads is `lhs.data[i·rs + l·cs]` for i < m, l < k (and the
+    // same for rhs with l < k, j < n); `fits()` proved the largest such index is in bounds, and
+    // all strides are non-negative. It writes `dst[i·dst_rs + j]` for i < m, j < n, in bounds by
+    // the assertion above. `dst` is a unique borrow, so no read aliases a write. With
+    // `read_dst = false` the destination's old contents are never read (alpha is ignored).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// `e^x` with relative error below 2e-7 on the whole f32 range (branch-free, vectorizable).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
+    let x = x.clamp(-87.0, 88.0);
+    let kf = x * LOG2E + MAGIC;
+    let k = kf - MAGIC;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    // Taylor series to degree 6 (|r| ≤ ln2/2: truncation error < 1.2e-7), fused multiply-adds.
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // The integer k sits in kf's low mantissa bits: 2^k without a float→int conversion.
+    let scale = kf.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(scale)
+}
+
+/// `tanh(x)` with absolute error below 3e-7 (branch-free, vectorizable). Near 0 the relative
+/// error grows (no separate small-argument series: an activation needs absolute accuracy).
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let e = exp(2.0 * x.clamp(-9.0, 9.0));
+    (e - 1.0) / (e + 1.0)
+}
+
+/// `ln(x)` for positive, finite, normal `x`, absolute error below 3e-7.
+#[inline(always)]
+pub(crate) fn ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let e = ((bits >> 23) & 0xff) as i32 - 127;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
+                                                                // Centre the mantissa on 1 for a faster series: m in [√½, √2).
+    let (m, e) = if m > std::f32::consts::SQRT_2 {
+        (m * 0.5, e + 1)
+    } else {
+        (m, e)
+    };
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let s =
+        2.0 * t * (1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0)))));
+    e as f32 * std::f32::consts::LN_2 + s
+}
+
+/// `sigmoid(x) = 1 / (1 + e^{−x})`.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// Whether the CPU has AVX2 and FMA (checked once; the detection macro caches it).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Defines `$name`, which runs `$inline` compiled for AVX2 + FMA when the CPU has them, and the
+/// portable build of the same code otherwise.
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* fn $name:ident / $fast:ident ($($arg:ident: $ty:ty),*) -> $ret:ty = $inline:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $fast($($arg: $ty),*) -> $ret {
+            $inline($($arg),*)
+        }
+
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: a #[target_feature] function may only run on a CPU with those
+                // features; `has_avx2()` has just checked AVX2 and FMA at run time.
+                return unsafe { $fast($($arg),*) };
+            }
+            $inline($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn activate_inline(act: Activation, v: &mut [f32]) {
+    match act {
+        Activation::Identity => {}
+        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Tanh => v.iter_mut().for_each(|x| *x = tanh(*x)),
+        Activation::Sigmoid => v.iter_mut().for_each(|x| *x = sigmoid(*x)),
+        Activation::Gelu => v.iter_mut().for_each(|x| {
+            let y = *x;
+            *x = 0.5 * y * (1.0 + tanh(0.797_884_6 * (y + 0.044_715 * y * y * y)));
+        }),
+    }
+}
+
+simd_dispatch!(
+    /// Adds `bias` (one value per column, or nothing when empty) to every row of `block`, then
+    /// applies the activation.
+    fn bias_act / bias_act_avx2(block: &mut [f32], bias: &[f32], act: Activation) -> () = bias_act_inline
+);
+
+#[inline(always)]
+fn bias_act_inline(block: &mut [f32], bias: &[f32], act: Activation) {
+    if !bias.is_empty() {
+        for row in block.chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+    activate_inline(act, block);
+}
+
+simd_dispatch!(
+    /// One candidate's low-rank layer output: `block[n, out] = y0[n, out] + xb_n · aᵀ`, where
+    /// row n's factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[out, r]`.
+    fn low_rank_rows / low_rank_rows_avx2(block: &mut [f32], y0: &[f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_rows_inline
+);
+
+#[inline(always)]
+fn low_rank_rows_inline(
+    block: &mut [f32],
+    y0: &[f32],
+    xb: &[f32],
+    stride: usize,
+    off: usize,
+    a: &[f32],
+    r: usize,
+) {
+    let out = a.len() / r.max(1);
+    for (n, (row, base)) in block
+        .chunks_exact_mut(out)
+        .zip(y0.chunks_exact(out))
+        .enumerate()
+    {
+        let f = &xb[n * stride + off..n * stride + off + r];
+        if r == 1 {
+            let s = f[0];
+            row.iter_mut()
+                .zip(base)
+                .zip(a)
+                .for_each(|((v, &y), &a)| *v = s.mul_add(a, y));
+        } else {
+            row.copy_from_slice(base);
+            for (j, &s) in f.iter().enumerate() {
+                row.iter_mut()
+                    .zip(a.iter().skip(j).step_by(r))
+                    .for_each(|(v, &a)| *v = s.mul_add(a, *v));
+            }
+        }
+    }
+}
+
+// Cross-entropy works in blocks of rows so the exponentials run as one flat, vectorized loop.
+simd_dispatch!(
+    /// Mean softmax cross-entropy of the rows of `logits` (`rows × c`) against `labels`.
+    fn cross_entropy / cross_entropy_avx2(logits: &[f32], c: usize, labels: &[usize]) -> f32 = cross_entropy_inline
+);
+
+#[inline(always)]
+fn cross_entropy_inline(logits: &[f32], c: usize, labels: &[usize]) -> f32 {
+    // Blocks of rows are transposed to [c, rows] so that the max, the exponentials, the sums and
+    // the logarithms all run down the rows, a vector of rows at a time.
+    const BLOCK: usize = 64;
+    let mut total = 0.0f64;
+    let mut zt = vec![0.0f32; BLOCK * c];
+    let mut m = [0.0f32; BLOCK];
+    let mut sum = [0.0f32; BLOCK];
+    for (rows, ys) in logits.chunks(BLOCK * c).zip(labels.chunks(BLOCK)) {
+        let nr = ys.len();
+        for (r, row) in rows.chunks_exact(c).enumerate() {
+            for (k, &z) in row.iter().enumerate() {
+                zt[k * BLOCK + r] = z;
+            }
+        }
+        m[..nr].copy_from_slice(&zt[..nr]);
+        for k in 1..c {
+            let col = &zt[k * BLOCK..k * BLOCK + nr];
+            m[..nr]
+                .iter_mut()
+                .zip(col)
+                .for_each(|(m, &z)| *m = m.max(z));
+        }
+        sum[..nr].fill(0.0);
+        for k in 0..c {
+            let col = &zt[k * BLOCK..k * BLOCK + nr];
+            sum[..nr]
+                .iter_mut()
+                .zip(col)
+                .zip(&m[..nr])
+                .for_each(|((s, &z), &m)| *s += exp(z - m));
+        }
+        // Map first (vectorized), reduce after: a float reduction in the same loop would stay scalar.
+        sum[..nr]
+            .iter_mut()
+            .zip(&m[..nr])
+            .for_each(|(s, &m)| *s = ln(*s) + m);
+        let block: f32 = sum[..nr].iter().sum();
+        let picked: f32 = ys.iter().enumerate().map(|(r, &y)| rows[r * c + y]).sum();
+        total += f64::from(block - picked);
+    }
+    (total / labels.len().max(1) as f64) as f32
+}
+
+/// Fraction of rows whose largest logit is the labelled class.
+pub(crate) fn class_accuracy(logits: &[f32], c: usize, labels: &[usize]) -> f32 {
+    let hits = logits
+        .chunks_exact(c)
+        .zip(labels)
+        .filter(|(row, &y)| row.iter().all(|&z| z <= row[y]))
+        .count();
+    hits as f32 / labels.len().max(1) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_math_is_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let e = exp(x);
+            assert!(
+                ((e - x.exp()) / x.exp()).abs() < 3e-7,
+                "exp({x}) = {e} vs {}",
+                x.exp()
+            );
+            assert!((tanh(x) - x.tanh()).abs() < 3e-7, "tanh({x})");
+        }
+        for x in [1e-30f32, 1e-5, 0.5, 1.0, 1.5, 2.0, 3.7, 10.0, 1e6, 3e38] {
+            assert!(
+                (ln(x) - x.ln()).abs() < 3e-7 * x.ln().abs().max(1.0),
+                "ln({x}) = {} vs {}",
+                ln(x),
+                x.ln()
+            );
+        }
+        assert_eq!(exp(-1000.0), exp(-87.0));
+        assert!(tanh(50.0) == 1.0 && tanh(-50.0) == -1.0);
+    }
+
+    #[test]
+    fn gemm_matches_naive_including_transposed_views() {
+        let a: Vec<f32> = (0..6).map(|v| v as f32).collect(); // 2×3
+        let b: Vec<f32> = (0..12).map(|v| v as f32 * 0.5).collect(); // 4×3, used transposed
+        let mut out = vec![0.0; 8];
+        gemm(&mut out, 4, Mat::rows(&a, 2, 3), Mat::transposed(&b, 3, 4));
+        for i in 0..2 {
+            for j in 0..4 {
+                let want: f32 = (0..3).map(|l| a[i * 3 + l] * b[j * 3 + l]).sum();
+                assert_eq!(out[i * 4 + j], want);
+            }
+        }
+    }
+
+    #[test]
+    fn cross_entropy_of_uniform_logits_is_ln_c() {
+        let ce = cross_entropy(&[0.0; 20], 10, &[3, 7]);
+        assert!((ce - 10f32.ln()).abs() < 1e-6);
+        assert_eq!(class_accuracy(&[0.0, 1.0, 2.0, 0.0], 2, &[1, 0]), 1.0);
+    }
+}

@@ -1,0 +1,119 @@
+//! The fused CPU kernels agree with an independent implementation written in plain candle ops.
+
+use candle_core::{Device, Tensor};
+use hyperfunc::prelude::*;
+
+use crate::common::{rows, values};
+
+fn act(a: Activation, t: &Tensor) -> candle_core::Result<Tensor> {
+    match a {
+        Activation::Identity => Ok(t.clone()),
+        Activation::Relu => t.relu(),
+        Activation::Tanh => t.tanh(),
+        Activation::Sigmoid => (t.neg()?.exp()? + 1.0)?.recip(),
+        Activation::Gelu => t.gelu(),
+    }
+}
+
+/// The same 6-8-3 network as a generic tensor body: x [P,N,6], θ materialized per candidate.
+fn reference(hidden: Activation, output: Activation) -> HyperFn {
+    let specs = vec![
+        ("0.weight".to_string(), ParamSpec::matrix(8, 6)),
+        ("0.bias".to_string(), ParamSpec::vector(8)),
+        ("1.weight".to_string(), ParamSpec::matrix(3, 8)),
+        ("1.bias".to_string(), ParamSpec::vector(3)),
+    ];
+    HyperFn::tensor_multi("net", specs, move |x, p| {
+        let h = x
+            .matmul(&p[0].transpose(1, 2)?)?
+            .broadcast_add(&p[1].unsqueeze(1)?)?;
+        let h = act(hidden, &h)?;
+        let o = h
+            .matmul(&p[2].transpose(1, 2)?)?
+            .broadcast_add(&p[3].unsqueeze(1)?)?;
+        act(output, &o)
+    })
+}
+
+#[tokio::test]
+async fn fused_layer_kernels_match_plain_candle_ops() {
+    let data = Examples::from_rows(&rows(37, 6, 3), &rows(37, 3, 4), &Device::Cpu).unwrap();
+    for (hidden, output) in [
+        (Activation::Tanh, Activation::Identity),
+        (Activation::Relu, Activation::Sigmoid),
+        (Activation::Gelu, Activation::Tanh),
+    ] {
+        for rank in [None, Some(1), Some(3)] {
+            let f = HyperFn::mlp("net", &[6, 8, 3], hidden, output);
+            let fast = Chain::new(vec![match rank {
+                Some(r) => f.noise_rank(r),
+                None => f,
+            }]);
+            let slow = Chain::new(vec![reference(hidden, output)]);
+            let theta = Theta::init(&fast, 5, &Device::Cpu).unwrap();
+            let pop = Es::default()
+                .pop_size(10)
+                .sigma(0.4)
+                .population(&fast, &theta, 2)
+                .unwrap();
+            let thetas: Vec<Theta> = (0..10).map(|i| pop.candidate(i).unwrap()).collect();
+            let a = evaluate_population(&fast, &pop, &data, &metric::mse(), 64)
+                .await
+                .unwrap();
+            let explicit = Population::from_thetas(&thetas).unwrap();
+            let b = evaluate_population(&slow, &explicit, &data, &metric::mse(), 1 << 16)
+                .await
+                .unwrap();
+            for (x, y) in a.fitness.iter().zip(&b.fitness) {
+                assert!(
+                    (x - y).abs() <= 2e-6 * y.abs().max(1.0),
+                    "{hidden:?}/{output:?}/{rank:?}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
+    let (p, n, c) = (3usize, 50usize, 7usize);
+    let mut z = rows(p * n, c, 9).concat();
+    z.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v *= 1.0 + (i % 13) as f32); // wide logits
+    let labels: Vec<usize> = (0..n).map(|i| (i * 5) % c).collect();
+    let zt = Tensor::from_vec(z.clone(), (p, n, c), &Device::Cpu).unwrap();
+    let yt = Tensor::from_vec(
+        labels.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (pv, yv) = (Value::batched(zt), Value::shared(yt));
+    let ce = metric::cross_entropy().score(&pv, &yv, p).unwrap();
+    let acc = metric::class_accuracy().score(&pv, &yv, p).unwrap();
+    for cand in 0..p {
+        let mut want = 0.0f64;
+        let mut hits = 0;
+        for (row, &y) in z[cand * n * c..(cand + 1) * n * c].chunks(c).zip(&labels) {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            want += lse - row[y] as f64;
+            hits += usize::from(row.iter().all(|&v| v <= row[y]));
+        }
+        want /= n as f64;
+        assert!(
+            (ce[cand] as f64 - want).abs() < 1e-5 * want.max(1.0),
+            "{} vs {want}",
+            ce[cand]
+        );
+        assert_eq!(acc[cand], hits as f32 / n as f32);
+    }
+    // Labels out of range are a typed error naming the example.
+    let bad = Tensor::from_vec(vec![9f32; n], n, &Device::Cpu).unwrap();
+    let e = metric::cross_entropy()
+        .score(&pv, &Value::shared(bad), p)
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let _ = values;
+}
