@@ -120,6 +120,23 @@ fn evaluation(c: &mut Criterion) {
     g.finish();
 }
 
+fn metrics(c: &mut Criterion) {
+    // Softmax cross-entropy over P × N × C logits (Task A's shape per generation).
+    let (p, n, k) = (256usize, 1024usize, 10usize);
+    let z = hyperfunc::bench::SplitMix64Normals::new(1).normals(p * n * k);
+    let z = Value::batched(Tensor::from_vec(z, (p, n, k), &Device::Cpu).expect("z"));
+    let y: Vec<f32> = (0..n).map(|i| (i % k) as f32).collect();
+    let y = Value::shared(Tensor::from_vec(y, n, &Device::Cpu).expect("y"));
+    let mut g = c.benchmark_group("metric_p256_n1024_c10");
+    g.bench_function("cross_entropy", |b| {
+        b.iter(|| metric::cross_entropy().score(&z, &y, p).expect("ce"))
+    });
+    g.bench_function("class_accuracy", |b| {
+        b.iter(|| metric::class_accuracy().score(&z, &y, p).expect("acc"))
+    });
+    g.finish();
+}
+
 fn chunking(c: &mut Criterion) {
     let rt = rt();
     let data = task_b_data();
@@ -141,6 +158,6 @@ fn chunking(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = noise, update, evaluation, chunking
+    targets = noise, update, evaluation, metrics, chunking
 }
 criterion_main!(benches);

@@ -36,6 +36,22 @@ pub(crate) fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
+/// `e[p, ..] + base[..]` for every p: the candidates of a dense perturbation (one pass, no
+/// broadcast indexing).
+pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> {
+    let dims = e.dims().to_vec();
+    let out = with_slice(base, what, |b| {
+        with_slice(e, what, |ev| {
+            let mut out = Vec::with_capacity(ev.len());
+            for row in ev.chunks_exact(b.len().max(1)) {
+                out.extend(row.iter().zip(b).map(|(x, y)| x + y));
+            }
+            out
+        })
+    })??;
+    Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
+}
+
 /// A row-major matrix view: `rows × cols` with the given strides (in elements).
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
@@ -153,12 +169,28 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(scale)
 }
 
-/// `tanh(x)` with absolute error below 3e-7 (branch-free, vectorizable). Near 0 the relative
-/// error grows (no separate small-argument series: an activation needs absolute accuracy).
+/// `tanh(x)` with absolute error below 3e-7 (branch-free, vectorizable): a 13/6 odd/even
+/// rational approximation on [−7.9, 7.9] (the form Eigen uses), one division, no exponential.
 #[inline(always)]
 pub(crate) fn tanh(x: f32) -> f32 {
-    let e = exp(2.0 * x.clamp(-9.0, 9.0));
-    (e - 1.0) / (e + 1.0)
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p: f32 = -2.760_768_5e-16;
+    for c in [
+        2.000_188e-13,
+        -8.604_672e-11,
+        5.122_297e-8,
+        1.485_722_4e-5,
+        6.372_619_3e-4,
+        4.893_524_6e-3,
+    ] {
+        p = p.mul_add(x2, c);
+    }
+    let mut q: f32 = 1.198_258_4e-6;
+    for c in [1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3] {
+        q = q.mul_add(x2, c);
+    }
+    x * p / q
 }
 
 /// `ln(x)` for positive, finite, normal `x`, absolute error below 3e-7.
@@ -246,15 +278,14 @@ fn bias_act_inline(block: &mut [f32], bias: &[f32], act: Activation) {
 }
 
 simd_dispatch!(
-    /// One candidate's low-rank layer output: `block[n, out] = y0[n, out] + xb_n · aᵀ`, where
-    /// row n's factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[out, r]`.
-    fn low_rank_rows / low_rank_rows_avx2(block: &mut [f32], y0: &[f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_rows_inline
+    /// Adds one candidate's low-rank term in place: `block[n, out] += xb_n · aᵀ`, where row n's
+    /// factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[out, r]`.
+    fn low_rank_add / low_rank_add_avx2(block: &mut [f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_add_inline
 );
 
 #[inline(always)]
-fn low_rank_rows_inline(
+fn low_rank_add_inline(
     block: &mut [f32],
-    y0: &[f32],
     xb: &[f32],
     stride: usize,
     off: usize,
@@ -262,20 +293,14 @@ fn low_rank_rows_inline(
     r: usize,
 ) {
     let out = a.len() / r.max(1);
-    for (n, (row, base)) in block
-        .chunks_exact_mut(out)
-        .zip(y0.chunks_exact(out))
-        .enumerate()
-    {
+    for (n, row) in block.chunks_exact_mut(out).enumerate() {
         let f = &xb[n * stride + off..n * stride + off + r];
         if r == 1 {
             let s = f[0];
             row.iter_mut()
-                .zip(base)
                 .zip(a)
-                .for_each(|((v, &y), &a)| *v = s.mul_add(a, y));
+                .for_each(|(v, &a)| *v = s.mul_add(a, *v));
         } else {
-            row.copy_from_slice(base);
             for (j, &s) in f.iter().enumerate() {
                 row.iter_mut()
                     .zip(a.iter().skip(j).step_by(r))
@@ -371,7 +396,7 @@ mod tests {
             );
         }
         assert_eq!(exp(-1000.0), exp(-87.0));
-        assert!(tanh(50.0) == 1.0 && tanh(-50.0) == -1.0);
+        assert!((tanh(50.0) - 1.0).abs() < 3e-7 && (tanh(-50.0) + 1.0).abs() < 3e-7);
     }
 
     #[test]

@@ -354,15 +354,16 @@ fn linear_cpu(
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
                     if x.batched {
+                        // The shared part as one GEMM over every row of the tile, then per
+                        // candidate X_p·B_p (n × r) and the rank-r update in place.
+                        kernels::gemm(y, out, Mat::rows(xs, pc * n, inp), wt_view);
+                        let mut xb = vec![0.0f32; n * r];
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let xp = &xs[p * n * inp..(p + 1) * n * inp];
-                            kernels::gemm(block, out, Mat::rows(xp, n, inp), wt_view);
-                            let mut xb = vec![0.0f32; n * r];
                             let bp = Mat::rows(&bv[p * inp * r..(p + 1) * inp * r], inp, r);
                             kernels::gemm(&mut xb, r, Mat::rows(xp, n, inp), bp);
-                            let y0 = block.to_vec();
                             let ap = &av[p * out * r..(p + 1) * out * r];
-                            kernels::low_rank_rows(block, &y0, &xb, r, 0, ap, r);
+                            kernels::low_rank_add(block, &xb, r, 0, ap, r);
                             finish(block, p);
                         });
                     } else {
@@ -385,8 +386,9 @@ fn linear_cpu(
                             Mat::rows(&b_all, inp, pc * r),
                         );
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            block.copy_from_slice(&y0);
                             let ap = &av[p * out * r..(p + 1) * out * r];
-                            kernels::low_rank_rows(block, &y0, &xb, pc * r, p * r, ap, r);
+                            kernels::low_rank_add(block, &xb, pc * r, p * r, ap, r);
                             finish(block, p);
                         });
                     }

@@ -153,11 +153,14 @@ impl Population {
             Some(Perturbation::Explicit(t)) => {
                 ParamChunk::PerCandidate(t.narrow(0, p0, pc).at(name)?)
             }
-            Some(Perturbation::Dense(e)) => ParamChunk::PerCandidate(
-                e.narrow(0, p0, pc)
-                    .and_then(|e| e.broadcast_add(base))
-                    .at(name)?,
-            ),
+            Some(Perturbation::Dense(e)) => {
+                let e = e.narrow(0, p0, pc).at(name)?;
+                ParamChunk::PerCandidate(if crate::kernels::on_cpu_f32(&e) {
+                    crate::kernels::add_rows(&e, base, name)?
+                } else {
+                    e.broadcast_add(base).at(name)?
+                })
+            }
             Some(Perturbation::LowRank { a, b }) => ParamChunk::LowRank {
                 base: base.clone(),
                 a: a.narrow(0, p0, pc).at(name)?,

@@ -29,7 +29,7 @@ use crate::system::HyperSystem;
 use crate::theta::{Registry, Theta};
 
 /// Rows (candidates × examples) per batched forward unless configured otherwise.
-pub const DEFAULT_MAX_BATCH_SIZE: usize = 1 << 16;
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 1 << 18;
 
 /// Whether the metric is to be maximised or minimised. There is no implicit default in the
 /// maths: [`Es`] starts at `Maximize` and says so in its docs.
@@ -119,7 +119,7 @@ pub struct Report {
 /// OpenAI-ES with EGGROLL-style low-rank noise where a parameter asks for it.
 ///
 /// Defaults: population 64 (antithetic), σ 0.1, lr 0.05, 100 generations, seed 0, **maximize**,
-/// centered ranks, Adam, no weight decay, constant schedules, `max_batch_size` 65 536 rows.
+/// centered ranks, Adam, no weight decay, constant schedules, `max_batch_size` 262 144 rows.
 ///
 /// # Examples
 /// ```
