@@ -223,6 +223,15 @@ pub struct TaskBRow {
     pub frac_of_peak: f64,
 }
 
+/// The cost of observation.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObserveCost {
+    /// Nanoseconds per `Hub::observe` scope (record creation, timing, storage).
+    pub ns_per_record: f64,
+    /// Task B dense evaluation at P = 256 with recording on, relative to off (1.0 = no cost).
+    pub eval_time_ratio: f64,
+}
+
 /// The whole report, as `hyperfunc bench --json` prints it.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -234,6 +243,8 @@ pub struct BenchReport {
     pub task_a: Vec<TaskARun>,
     /// Task B rows.
     pub task_b: Vec<TaskBRow>,
+    /// Observation overhead.
+    pub observe: ObserveCost,
     /// Whether this was a `--quick` run.
     pub quick: bool,
     /// Total seconds.
@@ -416,6 +427,51 @@ pub async fn task_b(
     Ok(median(rates))
 }
 
+/// Measures the observation overhead.
+pub async fn observe_cost(data: &TaskBData, min_secs: f64) -> Result<ObserveCost> {
+    let hub = crate::observe::Hub::new();
+    let n = 200_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        drop(hub.observe("bench"));
+    }
+    let ns_per_record = t.elapsed().as_secs_f64() * 1e9 / n as f64;
+    let (net, theta, examples) = task_b_system(data, false)?;
+    let population = task_b_population(&net, &theta, 256, false)?;
+    let ce = metric::cross_entropy();
+    let rows = crate::es::DEFAULT_MAX_BATCH_SIZE;
+    let hub = crate::observe::Hub::new();
+    let mut ratios = Vec::new();
+    for _ in 0..3 {
+        let time = |observed: bool| {
+            let (net, population, examples, ce, hub) = (&net, &population, &examples, &ce, &hub);
+            async move {
+                let t = Instant::now();
+                let mut k = 0;
+                while k == 0 || t.elapsed().as_secs_f64() < min_secs {
+                    if observed {
+                        crate::population::evaluate_population_observed(
+                            net, population, examples, ce, rows, hub,
+                        )
+                        .await?;
+                    } else {
+                        evaluate_population(net, population, examples, ce, rows).await?;
+                    }
+                    k += 1;
+                }
+                Ok::<f64, crate::Error>(t.elapsed().as_secs_f64() / k as f64)
+            }
+        };
+        let off = time(false).await?;
+        let on = time(true).await?;
+        ratios.push(on / off);
+    }
+    Ok(ObserveCost {
+        ns_per_record,
+        eval_time_ratio: median(ratios),
+    })
+}
+
 /// Runs everything.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
@@ -441,11 +497,13 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             });
         }
     }
+    let observe = observe_cost(&b, min_secs).await?;
     Ok(BenchReport {
         machine: machine(),
         peak_gflops: peak,
         task_a,
         task_b: task_b_rows,
+        observe,
         quick: cfg.quick,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -479,6 +537,10 @@ pub fn render(r: &BenchReport) -> String {
             100.0 * b.frac_of_peak
         ));
     }
+    s.push_str(&format!(
+        "\nobservation: {:.0} ns per record; evaluation with recording on takes {:.3}x the time\n",
+        r.observe.ns_per_record, r.observe.eval_time_ratio
+    ));
     s.push_str(&format!(
         "\n{:.1} s{}\n",
         r.seconds,

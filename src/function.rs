@@ -161,6 +161,8 @@ pub(crate) enum Body {
 #[derive(Clone)]
 pub(crate) struct Inner {
     pub name: String,
+    /// The name again, shared, for cheap observation records.
+    pub label: Arc<str>,
     /// Full parameter names (`fn.param`) and their specs, in declaration order.
     pub params: Vec<(String, ParamSpec)>,
     pub body: Body,
@@ -202,6 +204,7 @@ impl HyperFn {
     fn build(name: &str, params: Vec<(String, ParamSpec)>, body: Body) -> Self {
         Self(Arc::new(Inner {
             name: name.to_string(),
+            label: Arc::from(name),
             params,
             body,
             policy: RuntimePolicy::default(),

@@ -43,6 +43,7 @@ mod function;
 mod kernels;
 mod layers;
 pub mod metric;
+pub mod observe;
 mod param;
 mod population;
 mod rng;
@@ -57,8 +58,11 @@ pub use es::{
 };
 pub use function::{Activation, HyperFn, IoError, IoParams, Json, RuntimePolicy};
 pub use metric::Metric;
+pub use observe::Hub;
 pub use param::{Bounds, Init, LmParams, Noise, ParamSpec};
-pub use population::{evaluate, evaluate_population, Population, PopulationEval};
+pub use population::{
+    evaluate, evaluate_population, evaluate_population_observed, Population, PopulationEval,
+};
 pub use system::{trace_dag, Chain, Cx, Dag, HyperSystem, Node, NodeKind};
 pub use theta::Theta;
 
@@ -89,8 +93,8 @@ pub fn set_threads(n: usize) -> Result<()> {
 pub mod prelude {
     pub use crate::metric;
     pub use crate::{
-        evaluate, evaluate_population, Activation, Chain, Cx, Direction, Error, Es, Examples,
-        HyperFn, HyperSystem, IoError, IoParams, Json, LmParams, Metric, ParamSpec, Population,
-        Result, Schedule, Shaping, Theta, Update, Value,
+        evaluate, evaluate_population, evaluate_population_observed, Activation, Chain, Cx,
+        Direction, Error, Es, Examples, Hub, HyperFn, HyperSystem, IoError, IoParams, Json,
+        LmParams, Metric, ParamSpec, Population, Result, Schedule, Shaping, Theta, Update, Value,
     };
 }

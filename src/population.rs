@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use crate::data::{Examples, Value};
 use crate::error::{Error, Result, TensorContext};
 use crate::metric::Metric;
+use crate::observe::{Hub, Trace};
 use crate::system::{Cx, HyperSystem, Scope};
 use crate::theta::{Registry, Theta};
 
@@ -238,6 +239,35 @@ pub async fn evaluate_population<S: HyperSystem>(
         examples,
         metric,
         max_batch_size,
+        Trace::default(),
+    )
+    .await
+}
+
+/// [`evaluate_population`], recording every call into `hub`.
+pub async fn evaluate_population_observed<S: HyperSystem>(
+    sys: &S,
+    pop: &Population,
+    examples: &Examples,
+    metric: &dyn Metric,
+    max_batch_size: usize,
+    hub: &Hub,
+) -> Result<PopulationEval> {
+    let reg = Arc::new(Registry::of(sys)?);
+    pop.base.check(&reg)?;
+    let trace = Trace {
+        hub: Some(hub.clone()),
+        parent: hub.session(),
+        generation: None,
+    };
+    evaluate_with(
+        &reg,
+        sys,
+        Arc::new(pop.clone()),
+        examples,
+        metric,
+        max_batch_size,
+        trace,
     )
     .await
 }
@@ -268,13 +298,14 @@ pub(crate) async fn evaluate_with<S: HyperSystem + ?Sized>(
     examples: &Examples,
     metric: &dyn Metric,
     max_batch_size: usize,
+    trace: Trace,
 ) -> Result<PopulationEval> {
     let (p, n) = (pop.size(), examples.len());
     if n == 0 {
         return Err(Error::EmptyExamples);
     }
     let (pc, nc) = plan(p, n, max_batch_size);
-    let scope = Arc::new(Scope::default());
+    let scope = Arc::new(Scope::traced(trace));
     let mut out = PopulationEval {
         fitness: Vec::with_capacity(p),
         forwards: 0,
@@ -289,7 +320,13 @@ pub(crate) async fn evaluate_with<S: HyperSystem + ?Sized>(
         let mut failed = vec![false; pcur];
         for n0 in (0..n).step_by(nc) {
             let ncur = nc.min(n - n0);
-            let cx = Cx::new(reg.clone(), pop.clone(), scope.clone(), p0, pcur);
+            let cx = Cx::new(
+                reg.clone(),
+                pop.clone(),
+                scope.clone(),
+                (p0, pcur),
+                (n0, ncur),
+            );
             let input = examples.inputs.slice_examples(n0, ncur)?;
             let value = sys.run(&cx, input).await?;
             let report = cx.finish();

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::Location;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::data::{Data, Value};
 use crate::error::{Error, Result, TensorContext};
 use crate::function::{Body, HyperFn, Inner, IoBody, IoParams, Json};
 use crate::layers::{self, Act};
+use crate::observe::{RecordKind, Trace};
 use crate::population::{ParamChunk, Population};
 use crate::rng;
 use crate::theta::Registry;
@@ -146,10 +148,20 @@ impl Dag {
     }
 }
 
-/// Call budgets of one evaluation, shared by all its chunks.
+/// Call budgets and the trace of one evaluation, shared by all its chunks.
 #[derive(Default, Debug)]
 pub(crate) struct Scope {
     calls: Mutex<HashMap<String, usize>>,
+    pub trace: Trace,
+}
+
+impl Scope {
+    pub fn traced(trace: Trace) -> Self {
+        Self {
+            calls: Mutex::default(),
+            trace,
+        }
+    }
 }
 
 impl Scope {
@@ -197,6 +209,8 @@ pub struct Cx {
     scope: Arc<Scope>,
     p0: usize,
     pc: usize,
+    n0: usize,
+    nc: usize,
     state: Mutex<State>,
 }
 
@@ -205,8 +219,8 @@ impl Cx {
         reg: Arc<Registry>,
         pop: Arc<Population>,
         scope: Arc<Scope>,
-        p0: usize,
-        pc: usize,
+        (p0, pc): (usize, usize),
+        (n0, nc): (usize, usize),
     ) -> Self {
         Self {
             reg,
@@ -214,6 +228,8 @@ impl Cx {
             scope,
             p0,
             pc,
+            n0,
+            nc,
             state: Mutex::new(State {
                 failed: vec![false; pc],
                 ..State::default()
@@ -291,14 +307,51 @@ impl Cx {
     }
 
     /// Calls a hyperfunction on a value for every candidate and example of the chunk.
-    pub async fn call(&self, f: &HyperFn, input: Value) -> Result<Value> {
-        self.declared(f)?;
-        let inner = &*f.0;
-        match &inner.body {
-            Body::Tensor(body) => self.call_tensor(inner, body.as_ref(), input),
-            Body::Layers(ls) => self.call_layers(inner, ls, input),
-            Body::Io(body) => self.call_io(inner, body, input).await,
+    #[track_caller]
+    pub fn call<'a>(
+        &'a self,
+        f: &'a HyperFn,
+        input: Value,
+    ) -> impl Future<Output = Result<Value>> + Send + 'a {
+        let site = Location::caller();
+        async move {
+            self.declared(f)?;
+            let inner = &*f.0;
+            match &inner.body {
+                Body::Tensor(body) => {
+                    let start = self.scope.trace.now();
+                    let out = self.call_tensor(inner, body.as_ref(), input);
+                    self.trace_tensor(inner, start, site, out.as_ref().err());
+                    out
+                }
+                Body::Layers(ls) => {
+                    let start = self.scope.trace.now();
+                    let out = self.call_layers(inner, ls, input);
+                    self.trace_tensor(inner, start, site, out.as_ref().err());
+                    out
+                }
+                Body::Io(body) => self.call_io(inner, body, input, site).await,
+            }
         }
+    }
+
+    fn trace_tensor(
+        &self,
+        f: &Inner,
+        start: u64,
+        site: &'static Location<'static>,
+        err: Option<&Error>,
+    ) {
+        let (cands, exs) = ((self.p0, self.p0 + self.pc), (self.n0, self.n0 + self.nc));
+        self.scope.trace.call(
+            &f.label,
+            RecordKind::Tensor,
+            start,
+            cands,
+            Some(exs),
+            site,
+            err,
+        );
     }
 
     fn tensor_input(&self, name: &str, input: &Value) -> Result<Act> {
@@ -377,7 +430,13 @@ impl Cx {
         Ok(v.with_node(id))
     }
 
-    async fn call_io(&self, f: &Inner, body: &IoBody, input: Value) -> Result<Value> {
+    async fn call_io(
+        &self,
+        f: &Inner,
+        body: &IoBody,
+        input: Value,
+        site: &'static Location<'static>,
+    ) -> Result<Value> {
         let name = f.name.as_str();
         let items: Vec<Json> = match &input.data {
             Data::Json { items, .. } => items.as_ref().clone(),
@@ -430,7 +489,29 @@ impl Cx {
                     items[ex].clone()
                 };
                 let p = params[if has_params { cand } else { 0 }].clone();
-                self.attempt(f, body, item, p, (self.p0 + cand) as u64, ex as u64)
+                async move {
+                    let start = self.scope.trace.now();
+                    let r = self
+                        .attempt(f, body, item, p, (self.p0 + cand) as u64, ex as u64)
+                        .await;
+                    let c = if out_batched { self.p0 + cand } else { self.p0 };
+                    let cands = if out_batched {
+                        (c, c + 1)
+                    } else {
+                        (self.p0, self.p0 + self.pc)
+                    };
+                    let e = self.n0 + ex;
+                    self.scope.trace.call(
+                        &f.label,
+                        RecordKind::Io,
+                        start,
+                        cands,
+                        Some((e, e + 1)),
+                        site,
+                        r.as_ref().err(),
+                    );
+                    r
+                }
             })
             .buffered(f.policy.concurrency.max(1))
             .collect()
@@ -612,8 +693,9 @@ pub async fn trace_dag<S: HyperSystem>(
     let reg = Arc::new(Registry::of(sys)?);
     theta.check(&reg)?;
     let pop = Arc::new(Population::center(theta.clone()));
-    let cx = Cx::new(reg, pop, Arc::new(Scope::default()), 0, 1);
-    let input = examples.inputs.slice_examples(0, examples.len().min(1))?;
+    let n = examples.len().min(1);
+    let cx = Cx::new(reg, pop, Arc::new(Scope::default()), (0, 1), (0, n));
+    let input = examples.inputs.slice_examples(0, n)?;
     sys.run(&cx, input).await?;
     Ok(cx.finish().dag)
 }

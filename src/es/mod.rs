@@ -24,6 +24,7 @@ pub use update::Update;
 use crate::data::Examples;
 use crate::error::{Error, Result, TensorContext};
 use crate::metric::Metric;
+use crate::observe::{Hub, Record, RecordKind, Trace};
 use crate::population::{evaluate_with, Population};
 use crate::system::HyperSystem;
 use crate::theta::{Registry, Theta};
@@ -114,6 +115,8 @@ pub struct Report {
     pub stop: StopReason,
     /// Total wall time in seconds.
     pub seconds: f64,
+    /// The records of the run: one per call, per generation and for the run.
+    pub trace: Hub,
 }
 
 /// OpenAI-ES with EGGROLL-style low-rank noise where a parameter asks for it.
@@ -160,6 +163,7 @@ pub struct Es {
     progress: bool,
     device: Device,
     init: Option<Theta>,
+    hub: Option<Hub>,
 }
 
 impl Default for Es {
@@ -184,6 +188,7 @@ impl Default for Es {
             progress: true,
             device: Device::Cpu,
             init: None,
+            hub: None,
         }
     }
 }
@@ -262,6 +267,12 @@ impl Es {
     /// The Python hyperfunc library's update rule (z-scored rewards, `θ += lr·√P·mean(r ε)`).
     pub fn compat(self) -> Self {
         self.update(Update::Compat).shaping(Shaping::ZScore)
+    }
+
+    /// Records the run (run → generation → call records) into `hub` instead of a fresh one.
+    pub fn hub(mut self, hub: Hub) -> Self {
+        self.hub = Some(hub);
+        self
     }
 
     /// Starts from this θ instead of the specs' initialisation.
@@ -347,6 +358,8 @@ impl Es {
             return Err(Error::EmptyExamples);
         }
         let mut run = self.start(sys)?;
+        let hub = self.hub.clone().unwrap_or_default();
+        let (run_id, run_start, run_parent) = (hub.next_id(), hub.now_ns(), hub.session());
         let start = Instant::now();
         let bar = self.progress_bar();
         let p = self.pop_size;
@@ -357,6 +370,12 @@ impl Es {
 
         for g in 0..self.generations {
             let pop = run.ask_shared()?;
+            let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
+            let trace = Trace {
+                hub: Some(hub.clone()),
+                parent: Some(gen_id),
+                generation: Some(g),
+            };
             let t0 = Instant::now();
             let eval = evaluate_with(
                 &run.reg,
@@ -365,6 +384,7 @@ impl Es {
                 examples,
                 metric,
                 self.max_batch_size,
+                trace,
             )
             .await?;
             let eval_s = t0.elapsed().as_secs_f64();
@@ -414,6 +434,22 @@ impl Es {
                 evals_per_sec: p as f64 / eval_s.max(1e-12),
                 seconds: start.elapsed().as_secs_f64(),
             };
+            let mut rec = Record::span(
+                gen_id,
+                Some(run_id),
+                "es.generation",
+                RecordKind::Generation,
+                gen_start,
+                hub.now_ns(),
+            );
+            rec.generation = Some(g);
+            rec.attributes = vec![
+                ("es.best".into(), f64::from(stats.best).into()),
+                ("es.mean".into(), f64::from(stats.mean).into()),
+                ("es.sigma".into(), stats.sigma.into()),
+                ("es.failed".into(), stats.failed.into()),
+            ];
+            hub.push(rec);
             bar.set_message(format!("best {:.5} mean {:.5}", stats.best, stats.mean));
             bar.inc(1);
             history.push(stats);
@@ -433,8 +469,35 @@ impl Es {
 
         let theta = run.theta;
         let center = Arc::new(Population::center(theta.clone()));
-        let fin =
-            evaluate_with(&run.reg, sys, center, examples, metric, self.max_batch_size).await?;
+        let trace = Trace {
+            hub: Some(hub.clone()),
+            parent: Some(run_id),
+            generation: None,
+        };
+        let fin = evaluate_with(
+            &run.reg,
+            sys,
+            center,
+            examples,
+            metric,
+            self.max_batch_size,
+            trace,
+        )
+        .await?;
+        let mut rec = Record::span(
+            run_id,
+            run_parent,
+            "es.optimize",
+            RecordKind::Run,
+            run_start,
+            hub.now_ns(),
+        );
+        rec.attributes = vec![
+            ("es.pop_size".into(), self.pop_size.into()),
+            ("es.generations".into(), history.len().into()),
+            ("es.seed".into(), self.seed.into()),
+        ];
+        hub.push(rec);
         Ok(Report {
             theta,
             final_fitness: fin.fitness[0],
@@ -442,6 +505,7 @@ impl Es {
             history,
             stop,
             seconds: start.elapsed().as_secs_f64(),
+            trace: hub,
         })
     }
 
@@ -525,6 +589,7 @@ pub async fn gradient_estimate<S: HyperSystem>(
         examples,
         metric,
         es.max_batch_size,
+        Trace::default(),
     )
     .await?;
     let (u, _) = shaping::utilities(&eval.fitness, es.direction, es.shaping);

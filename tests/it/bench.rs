@@ -68,6 +68,8 @@ fn bench_command_prints_one_json_document() {
     for row in v["task_b"].as_array().unwrap() {
         assert!(row["evals_per_sec"].as_f64().unwrap() > 0.0, "{row}");
     }
+    assert!(v["observe"]["ns_per_record"].as_f64().unwrap() > 0.0);
+    assert!(v["observe"]["eval_time_ratio"].as_f64().unwrap() > 0.0);
     // Task A learns even in the quick run: better than chance (0.1) on the test set.
     assert!(
         v["task_a"][0]["test_acc"].as_f64().unwrap() > 0.2,

@@ -7,5 +7,6 @@ mod errors;
 mod es;
 mod io;
 mod kernels;
+mod observe;
 mod population;
 mod system;
