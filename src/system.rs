@@ -314,23 +314,38 @@ impl Cx {
         input: Value,
     ) -> impl Future<Output = Result<Value>> + Send + 'a {
         let site = Location::caller();
+        // Users' own `tracing` subscribers see every call as a span (free without a subscriber).
+        let span = tracing::debug_span!(
+            "hyperfunc.call",
+            function = %f.name(),
+            candidates = self.pc,
+            examples = self.nc,
+            call_site = %format_args!("{}:{}", site.file(), site.line()),
+        );
         async move {
             self.declared(f)?;
             let inner = &*f.0;
             match &inner.body {
                 Body::Tensor(body) => {
+                    let _entered = span.enter();
                     let start = self.scope.trace.now();
                     let out = self.call_tensor(inner, body.as_ref(), input);
                     self.trace_tensor(inner, start, site, out.as_ref().err());
                     out
                 }
                 Body::Layers(ls) => {
+                    let _entered = span.enter();
                     let start = self.scope.trace.now();
                     let out = self.call_layers(inner, ls, input);
                     self.trace_tensor(inner, start, site, out.as_ref().err());
                     out
                 }
-                Body::Io(body) => self.call_io(inner, body, input, site).await,
+                Body::Io(body) => {
+                    use tracing::Instrument;
+                    self.call_io(inner, body, input, site)
+                        .instrument(span)
+                        .await
+                }
             }
         }
     }

@@ -237,3 +237,62 @@ async fn recording_never_changes_results_and_exports_jsonl() {
         .unwrap_err();
     assert!(matches!(bad, Error::File { .. }), "{bad}");
 }
+
+/// A minimal `tracing` subscriber that remembers span names and their `function` field.
+struct Spans(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+struct FunctionField(Option<String>);
+
+impl tracing::field::Visit for FunctionField {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "function" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl tracing::Subscriber for Spans {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut f = FunctionField(None);
+        attrs.record(&mut f);
+        let mut v = self.0.lock().unwrap();
+        v.push(format!(
+            "{}:{}",
+            attrs.metadata().name(),
+            f.0.unwrap_or_default()
+        ));
+        tracing::span::Id::from_u64(v.len() as u64)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn calls_emit_tracing_spans_for_users_subscribers() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sub = Spans(seen.clone());
+    tracing::subscriber::with_default(sub, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sys = two();
+        let theta = Theta::init(&sys, 0, &Device::Cpu).unwrap();
+        rt.block_on(evaluate(&sys, &theta, &xor_data(), &metric::bce()))
+            .unwrap();
+    });
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        *seen,
+        vec![
+            "hyperfunc.call:a".to_string(),
+            "hyperfunc.call:b".to_string()
+        ]
+    );
+}
