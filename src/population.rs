@@ -230,18 +230,7 @@ pub async fn evaluate_population<S: HyperSystem>(
     metric: &dyn Metric,
     max_batch_size: usize,
 ) -> Result<PopulationEval> {
-    let reg = Arc::new(Registry::of(sys)?);
-    pop.base.check(&reg)?;
-    evaluate_with(
-        &reg,
-        sys,
-        Arc::new(pop.clone()),
-        examples,
-        metric,
-        max_batch_size,
-        Trace::default(),
-    )
-    .await
+    evaluate_checked(sys, pop, examples, metric, max_batch_size, Trace::default()).await
 }
 
 /// [`evaluate_population`], recording every call into `hub`.
@@ -253,13 +242,24 @@ pub async fn evaluate_population_observed<S: HyperSystem>(
     max_batch_size: usize,
     hub: &Hub,
 ) -> Result<PopulationEval> {
-    let reg = Arc::new(Registry::of(sys)?);
-    pop.base.check(&reg)?;
     let trace = Trace {
         hub: Some(hub.clone()),
         parent: hub.session(),
         generation: None,
     };
+    evaluate_checked(sys, pop, examples, metric, max_batch_size, trace).await
+}
+
+async fn evaluate_checked<S: HyperSystem>(
+    sys: &S,
+    pop: &Population,
+    examples: &Examples,
+    metric: &dyn Metric,
+    max_batch_size: usize,
+    trace: Trace,
+) -> Result<PopulationEval> {
+    let reg = Arc::new(Registry::of(sys)?);
+    pop.base.check(&reg)?;
     evaluate_with(
         &reg,
         sys,

@@ -26,6 +26,18 @@ enum Command {
         #[arg(long, default_value_t = hyperfunc::es::DEFAULT_MAX_BATCH_SIZE)]
         max_batch_size: usize,
     },
+    /// Latency percentiles, error rates and cost per function, call site and model, from a trace
+    /// store written by `TraceStore::save`.
+    Report {
+        /// The SQLite trace store.
+        db: std::path::PathBuf,
+        /// Only this run (default: every run in the store).
+        #[arg(long)]
+        run: Option<String>,
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +81,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", hyperfunc::bench::render(&report));
+            }
+        }
+        Command::Report { db, run, json } => {
+            if !db.exists() {
+                return Err(format!("no trace store at {}", db.display()).into());
+            }
+            let store = hyperfunc::observe::TraceStore::open(&db)?;
+            let report = store.report(run.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_markdown());
             }
         }
     }

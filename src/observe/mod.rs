@@ -6,6 +6,10 @@
 //! errors, latency percentiles) are kept for every call even when raw records are sampled or
 //! capped. This module knows nothing about what is observed; exporters live beside it.
 
+mod store;
+
+pub use store::{GroupStats, TraceReport, TraceStore};
+
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::Location;
 use std::path::Path;

@@ -296,3 +296,91 @@ fn calls_emit_tracing_spans_for_users_subscribers() {
         ]
     );
 }
+
+#[tokio::test]
+async fn trace_store_persists_runs_and_reports_them() {
+    use hyperfunc::observe::TraceStore;
+    let dir = std::env::temp_dir().join(format!("hyperfunc-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("runs.sqlite");
+    let sys = two();
+    let r = Es::default()
+        .pop_size(8)
+        .generations(2)
+        .minimize()
+        .progress(false)
+        .optimize(&sys, &xor_data(), &metric::bce())
+        .await
+        .unwrap();
+    for (model, cost, fail) in [
+        ("gpt", 0.25, false),
+        ("gpt", 0.5, true),
+        ("llama", 0.125, false),
+    ] {
+        let mut o = r.trace.observe("strip_fences");
+        o.note("model", model).note("cost", cost);
+        if fail {
+            o.fail("no fence");
+        }
+    }
+    let store = TraceStore::open(&db).unwrap();
+    let saved = store.save("first", &r.trace).unwrap();
+    assert_eq!(saved, r.trace.records().len());
+    let other = Hub::new();
+    drop(other.observe("elsewhere"));
+    store.save("second", &other).unwrap();
+    drop(store);
+
+    let store = TraceStore::open(&db).unwrap();
+    assert_eq!(
+        store.runs().unwrap(),
+        vec!["first".to_string(), "second".to_string()]
+    );
+    let rep = store.report(Some("first")).unwrap();
+    let a = rep.functions.iter().find(|g| g.key == "a").unwrap();
+    let hub_a = r
+        .trace
+        .summary()
+        .functions
+        .into_iter()
+        .find(|f| f.name == "a")
+        .unwrap();
+    assert_eq!(a.calls, hub_a.calls);
+    assert!(
+        rep.functions.iter().all(|g| g.key != "elsewhere"),
+        "the run filter holds"
+    );
+    let gpt = rep.models.iter().find(|g| g.key == "gpt").unwrap();
+    assert_eq!((gpt.calls, gpt.errors), (2, 1));
+    assert!((gpt.cost - 0.75).abs() < 1e-12);
+    assert!(rep
+        .call_sites
+        .iter()
+        .any(|g| g.key.contains("tests/it/observe.rs")));
+    assert_eq!(store.report(None).unwrap().runs.len(), 2);
+
+    // The CLI prints the same report.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args(["report", db.to_str().unwrap(), "--run", "first", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"].as_array().unwrap().len(), 2);
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args(["report", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("| strip_fences | 3 | 1 |"));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args(["report", dir.join("nope.sqlite").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no trace store"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
