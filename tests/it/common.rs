@@ -39,3 +39,19 @@ pub fn rows(n: usize, d: usize, salt: u64) -> Vec<Vec<f32>> {
 pub fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
+
+/// An async function with one knob (starting at 0) that fails for candidates whose knob went
+/// negative and otherwise returns the knob.
+pub fn picky() -> HyperFn {
+    HyperFn::io(
+        "picky",
+        Some(ParamSpec::scalar().zeros()),
+        |_x, p: IoParams| async move {
+            if p.values()[0] < 0.0 {
+                Err(IoError::fatal("negative knob"))
+            } else {
+                Ok(serde_json::json!(p.values()[0]))
+            }
+        },
+    )
+}

@@ -179,17 +179,7 @@ async fn call_budget_is_scoped_to_one_evaluation() {
 #[tokio::test]
 async fn a_failing_candidate_is_data_not_an_abort() {
     // Candidates whose knob is negative fail; the generation goes on and they rank worst.
-    let f = HyperFn::io(
-        "picky",
-        Some(ParamSpec::scalar().zeros()),
-        |_x, p: IoParams| async move {
-            if p.values()[0] < 0.0 {
-                Err(IoError::fatal("negative knob"))
-            } else {
-                Ok(json!(p.values()[0]))
-            }
-        },
-    );
+    let f = crate::common::picky();
     let sys = Chain::new(vec![f]);
     let theta = Theta::init(&sys, 0, &candle_core::Device::Cpu).unwrap();
     let pop = Es::default()

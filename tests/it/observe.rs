@@ -100,17 +100,7 @@ async fn an_optimisation_is_recorded_as_run_generations_and_calls() {
 
 #[tokio::test]
 async fn failing_async_calls_are_recorded_with_error_status() {
-    let f = HyperFn::io(
-        "picky",
-        Some(ParamSpec::scalar().zeros()),
-        |_x, p: IoParams| async move {
-            if p.values()[0] < 0.0 {
-                Err(IoError::fatal("negative knob"))
-            } else {
-                Ok(json!(1))
-            }
-        },
-    );
+    let f = crate::common::picky();
     let sys = Chain::new(vec![f]);
     let theta = Theta::init(&sys, 0, &Device::Cpu).unwrap();
     let pop = Es::default()
