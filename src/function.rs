@@ -241,30 +241,22 @@ impl HyperFn {
 
     /// A dense layer `act(x·Wᵀ + b)` with `W: [out, inp]` (Xavier-like) and `b: [out]` (zeros).
     pub fn linear(name: &str, inp: usize, out: usize, act: Activation) -> Self {
-        Self::mlp_layers(
-            name,
-            &[Layer {
-                inp,
-                out,
-                act,
-                bias: true,
-            }],
-            false,
-        )
+        Self::dense(name, inp, out, act, true)
     }
 
     /// A dense layer `act(x·Wᵀ)` without bias; `W: [out, inp]` (Xavier-like).
     pub fn linear_no_bias(name: &str, inp: usize, out: usize, act: Activation) -> Self {
-        Self::mlp_layers(
-            name,
-            &[Layer {
-                inp,
-                out,
-                act,
-                bias: false,
-            }],
-            false,
-        )
+        Self::dense(name, inp, out, act, false)
+    }
+
+    fn dense(name: &str, inp: usize, out: usize, act: Activation, bias: bool) -> Self {
+        let layer = Layer {
+            inp,
+            out,
+            act,
+            bias,
+        };
+        Self::mlp_layers(name, &[layer], false)
     }
 
     /// A multilayer perceptron over `sizes` (`[2, 4, 1]` is 2→4→1), with `hidden` activations

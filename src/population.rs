@@ -195,7 +195,7 @@ impl Population {
 }
 
 /// What one population evaluation produced.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PopulationEval {
     /// One fitness per candidate (NaN for a candidate that failed).
     pub fitness: Vec<f32>,
@@ -205,8 +205,8 @@ pub struct PopulationEval {
     pub chunks: usize,
     /// Candidates whose async calls failed.
     pub failed: usize,
-    /// The first failure message, if any candidate failed.
-    pub first_error: Option<String>,
+    /// The first failure, if any candidate failed (the same typed error a single call returns).
+    pub first_error: Option<Error>,
 }
 
 /// Candidates per chunk and examples per chunk for `max_batch_size` rows per forward.
@@ -281,12 +281,9 @@ pub async fn evaluate<S: HyperSystem>(
 ) -> Result<f32> {
     let pop = Population::center(theta.clone());
     let out = evaluate_population(sys, &pop, examples, metric, usize::MAX).await?;
+    // A failed call of the only candidate is returned as the call's own typed error.
     match (out.fitness[0].is_nan(), out.first_error) {
-        (true, Some(msg)) => Err(Error::Io {
-            function: "evaluate".into(),
-            message: msg,
-            retryable: false,
-        }),
+        (true, Some(e)) => Err(e),
         _ => Ok(out.fitness[0]),
     }
 }

@@ -190,7 +190,7 @@ struct State {
     dag: Dag,
     forwards: usize,
     failed: Vec<bool>,
-    first_error: Option<String>,
+    first_error: Option<Error>,
 }
 
 /// What a finished chunk reports to the evaluator.
@@ -198,7 +198,7 @@ pub(crate) struct ChunkReport {
     pub signature: String,
     pub forwards: usize,
     pub failed: Vec<bool>,
-    pub first_error: Option<String>,
+    pub first_error: Option<Error>,
     pub dag: Dag,
 }
 
@@ -538,7 +538,9 @@ impl Cx {
                 Err(e) if out_batched => {
                     let mut s = lock(&self.state);
                     s.failed[j / n.max(1)] = true;
-                    s.first_error.get_or_insert_with(|| e.to_string());
+                    if s.first_error.is_none() {
+                        s.first_error = Some(e);
+                    }
                     out.push(Json::Null);
                 }
                 Err(e) => return Err(e),
