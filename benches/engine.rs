@@ -1,5 +1,6 @@
 //! Criterion benches of the engine's hot paths: noise generation, the ES update, population
-//! evaluation of built-in layers (materialized dense vs the low-rank fast path), and chunking.
+//! evaluation of built-in layers (materialized dense vs the low-rank fast path), chunking, and the
+//! LLM limiter's overhead.
 //! Timings live here, never in tests. `hyperfunc bench --json` gives the headline figures.
 
 use std::hint::black_box;
@@ -155,9 +156,21 @@ fn chunking(c: &mut Criterion) {
     g.finish();
 }
 
+/// The LLM limiter's bookkeeping per call (acquire, success, release), uncontended.
+#[cfg(feature = "llm")]
+fn llm_limiter(c: &mut Criterion) {
+    let rt = rt();
+    c.bench_function("llm_limiter_1000_calls", |b| {
+        b.iter(|| rt.block_on(hyperfunc::llm::bench::limiter_overhead_ns(black_box(1000))))
+    });
+}
+
+#[cfg(not(feature = "llm"))]
+fn llm_limiter(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = noise, update, evaluation, metrics, chunking
+    targets = noise, update, evaluation, metrics, chunking, llm_limiter
 }
 criterion_main!(benches);

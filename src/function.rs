@@ -65,12 +65,18 @@ impl std::error::Error for IoError {}
 #[derive(Debug, Clone)]
 pub struct IoParams {
     pub(crate) values: Arc<[f32]>,
+    pub(crate) prompt: Option<Arc<str>>,
 }
 
 impl IoParams {
     /// All decoded values of the function's parameters, concatenated in declaration order.
     pub fn values(&self) -> &[f32] {
         &self.values
+    }
+
+    /// The function's prompt ([`HyperFn::prompt`]), if it has one.
+    pub fn prompt(&self) -> Option<&str> {
+        self.prompt.as_deref()
     }
 
     /// The values read as [`LmParams`] (for a function whose parameter is [`LmParams::spec`]).

@@ -42,6 +42,8 @@ pub mod es;
 mod function;
 mod kernels;
 mod layers;
+#[cfg(feature = "llm")]
+pub mod llm;
 pub mod metric;
 pub mod observe;
 mod param;
@@ -53,8 +55,8 @@ mod theta;
 pub use data::{Examples, Value};
 pub use error::{Error, Result};
 pub use es::{
-    Best, Direction, Es, EsRun, GenerationStats, Report, Schedule, Shaping, StopReason, Told,
-    Update,
+    Best, Direction, Es, EsRun, GenerationStats, Report, Schedule, Shaping, StopReason, StopSignal,
+    Told, Update,
 };
 pub use function::{Activation, HyperFn, IoError, IoParams, Json, RuntimePolicy};
 pub use metric::Metric;

@@ -366,6 +366,7 @@ impl Cx {
             Some(exs),
             site,
             err,
+            Vec::new(),
         );
     }
 
@@ -488,10 +489,12 @@ impl Cx {
                 acc.extend(r);
             }
         }
+        let prompt: Option<Arc<str>> = f.prompt.as_deref().map(Arc::from);
         let params: Vec<IoParams> = per_cand
             .into_iter()
             .map(|v| IoParams {
                 values: Arc::from(v),
+                prompt: prompt.clone(),
             })
             .collect();
         let jobs = if out_batched { self.pc * n } else { n };
@@ -506,9 +509,15 @@ impl Cx {
                 let p = params[if has_params { cand } else { 0 }].clone();
                 async move {
                     let start = self.scope.trace.now();
-                    let r = self
-                        .attempt(f, body, item, p, (self.p0 + cand) as u64, ex as u64)
-                        .await;
+                    let (r, notes) = crate::observe::with_call_notes(self.attempt(
+                        f,
+                        body,
+                        item,
+                        p,
+                        (self.p0 + cand) as u64,
+                        ex as u64,
+                    ))
+                    .await;
                     let c = if out_batched { self.p0 + cand } else { self.p0 };
                     let cands = if out_batched {
                         (c, c + 1)
@@ -524,6 +533,7 @@ impl Cx {
                         Some((e, e + 1)),
                         site,
                         r.as_ref().err(),
+                        notes,
                     );
                     r
                 }

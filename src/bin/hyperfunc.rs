@@ -26,6 +26,32 @@ enum Command {
         #[arg(long, default_value_t = hyperfunc::es::DEFAULT_MAX_BATCH_SIZE)]
         max_batch_size: usize,
     },
+    /// The LLM path: the limiter's overhead per call and, with --url, the request rate achieved
+    /// against a server that limits requests per fixed window.
+    #[cfg(feature = "llm")]
+    BenchLlm {
+        /// Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:4000/v1).
+        #[arg(long)]
+        url: Option<String>,
+        /// API key (the one the server limits).
+        #[arg(long, default_value = "")]
+        key: String,
+        /// Model to call.
+        #[arg(long, default_value = "mock-gpt")]
+        model: String,
+        /// Requests the server allows per window.
+        #[arg(long, default_value_t = 3)]
+        window_requests: u32,
+        /// The server's window, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        window_secs: f64,
+        /// Calls to send at once.
+        #[arg(long, default_value_t = 12)]
+        calls: u32,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency percentiles, error rates and cost per function, call site and model, from a trace
     /// store written by `TraceStore::save`.
     Report {
@@ -81,6 +107,52 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", hyperfunc::bench::render(&report));
+            }
+        }
+        #[cfg(feature = "llm")]
+        Command::BenchLlm {
+            url,
+            key,
+            model,
+            window_requests,
+            window_secs,
+            calls,
+            json,
+        } => {
+            use hyperfunc::llm::bench;
+            if !(window_secs.is_finite() && window_secs > 0.0) {
+                return Err("--window-secs must be a positive number of seconds".into());
+            }
+            let limiter_ns_per_call = rt.block_on(bench::limiter_overhead_ns(100_000));
+            let rate = match url {
+                Some(url) => Some(rt.block_on(bench::rate(
+                    &url,
+                    &key,
+                    &model,
+                    calls,
+                    window_requests,
+                    std::time::Duration::from_secs_f64(window_secs),
+                ))?),
+                None => None,
+            };
+            let b = bench::LlmBench {
+                limiter_ns_per_call,
+                rate,
+            };
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+            } else {
+                println!("limiter overhead: {:.0} ns per call", b.limiter_ns_per_call);
+                if let Some(r) = &b.rate {
+                    println!(
+                        "rate: {} calls against {} per {} s (R = {:.1}/min): {:.2} s, ideal {:.1} s",
+                        r.calls, r.limit_requests, r.window_s, r.limit_rpm, r.elapsed_s, r.ideal_s
+                    );
+                    println!(
+                        "fraction of R achieved {:.3}; 429s absorbed {}; errors surfaced {}",
+                        r.rate_fraction, r.throttled, r.surfaced_errors
+                    );
+                }
             }
         }
         Command::Report { db, run, json } => {

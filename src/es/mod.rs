@@ -64,6 +64,70 @@ pub enum StopReason {
     Target,
     /// The best fitness did not improve for `patience` generations.
     Patience,
+    /// A [`StopSignal`] was raised (a spent LLM budget, the user…); see `Report::stop_detail`.
+    /// A generation it interrupted with failed candidates is discarded; the final θ is not
+    /// re-evaluated.
+    Signal,
+}
+
+/// A flag that stops an optimisation cleanly between generations: raised by an
+/// [`LlmClient`](crate::llm::LlmClient) whose budget is spent, or by anyone holding a clone.
+///
+/// # Examples
+/// ```
+/// use hyperfunc::StopSignal;
+/// let s = StopSignal::new();
+/// assert!(!s.is_raised());
+/// s.clone().raise("operator asked");
+/// assert_eq!(s.reason().as_deref(), Some("operator asked"));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct StopSignal(Arc<StopInner>);
+
+#[derive(Debug, Default)]
+struct StopInner {
+    raised: std::sync::atomic::AtomicBool,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl StopSignal {
+    /// A signal that is not raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises it; the first reason given is kept.
+    pub fn raise(&self, reason: impl Into<String>) {
+        let mut r = self.0.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason.into());
+        }
+        self.0
+            .raised
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether it was raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.raised.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Why it was raised.
+    pub fn reason(&self) -> Option<String> {
+        self.0
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Lowers it again (for reuse in a new run).
+    pub fn reset(&self) {
+        *self.0.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0
+            .raised
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Statistics of one generation.
@@ -105,7 +169,7 @@ pub struct Best {
 pub struct Report {
     /// The final θ (the distribution mean).
     pub theta: Theta,
-    /// The metric of the final θ on the training examples.
+    /// The metric of the final θ on the training examples (NaN after [`StopReason::Signal`]).
     pub final_fitness: f32,
     /// The best candidate seen during the run.
     pub best: Option<Best>,
@@ -113,6 +177,8 @@ pub struct Report {
     pub history: Vec<GenerationStats>,
     /// Why the run stopped.
     pub stop: StopReason,
+    /// The reason of the [`StopSignal`] that stopped it, for [`StopReason::Signal`].
+    pub stop_detail: Option<String>,
     /// Total wall time in seconds.
     pub seconds: f64,
     /// The records of the run: one per call, per generation and for the run.
@@ -164,6 +230,7 @@ pub struct Es {
     device: Device,
     init: Option<Theta>,
     hub: Option<Hub>,
+    stops: Vec<StopSignal>,
 }
 
 impl Default for Es {
@@ -189,6 +256,7 @@ impl Default for Es {
             device: Device::Cpu,
             init: None,
             hub: None,
+            stops: Vec::new(),
         }
     }
 }
@@ -273,6 +341,20 @@ impl Es {
     pub fn hub(mut self, hub: Hub) -> Self {
         self.hub = Some(hub);
         self
+    }
+
+    /// Stops the run cleanly when `signal` is raised (checked before and after every
+    /// generation; a generation that saw the signal is discarded). May be given several times.
+    pub fn stop_on(mut self, signal: StopSignal) -> Self {
+        self.stops.push(signal);
+        self
+    }
+
+    fn raised(&self) -> Option<String> {
+        self.stops
+            .iter()
+            .find(|s| s.is_raised())
+            .map(|s| s.reason().unwrap_or_default())
     }
 
     /// Starts from this θ instead of the specs' initialisation.
@@ -367,8 +449,13 @@ impl Es {
         let mut best: Option<Best> = None;
         let mut since_improved = 0;
         let mut stop = StopReason::Generations;
+        let mut stop_detail = None;
 
         for g in 0..self.generations {
+            if let Some(why) = self.raised() {
+                (stop, stop_detail) = (StopReason::Signal, Some(why));
+                break;
+            }
             let pop = run.ask_shared()?;
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
             let trace = Trace {
@@ -388,6 +475,14 @@ impl Es {
             )
             .await?;
             let eval_s = t0.elapsed().as_secs_f64();
+            if let Some(why) = self.raised() {
+                // Calls refused for a spent budget fail: a generation with failures is not
+                // learned from. A complete one is kept and the loop stops before the next.
+                if eval.fitness.iter().any(|f| !f.is_finite()) {
+                    (stop, stop_detail) = (StopReason::Signal, Some(why));
+                    break;
+                }
+            }
 
             // Best candidate of this generation (finite values only).
             let mut gen_best: Option<(usize, f32)> = None;
@@ -468,22 +563,27 @@ impl Es {
         bar.finish_and_clear();
 
         let theta = run.theta;
-        let center = Arc::new(Population::center(theta.clone()));
-        let trace = Trace {
-            hub: Some(hub.clone()),
-            parent: Some(run_id),
-            generation: None,
+        let final_fitness = if stop == StopReason::Signal {
+            f32::NAN
+        } else {
+            let center = Arc::new(Population::center(theta.clone()));
+            let trace = Trace {
+                hub: Some(hub.clone()),
+                parent: Some(run_id),
+                generation: None,
+            };
+            let fin = evaluate_with(
+                &run.reg,
+                sys,
+                center,
+                examples,
+                metric,
+                self.max_batch_size,
+                trace,
+            )
+            .await?;
+            fin.fitness[0]
         };
-        let fin = evaluate_with(
-            &run.reg,
-            sys,
-            center,
-            examples,
-            metric,
-            self.max_batch_size,
-            trace,
-        )
-        .await?;
         let mut rec = Record::span(
             run_id,
             run_parent,
@@ -500,10 +600,11 @@ impl Es {
         hub.push(rec);
         Ok(Report {
             theta,
-            final_fitness: fin.fitness[0],
+            final_fitness,
             best,
             history,
             stop,
+            stop_detail,
             seconds: start.elapsed().as_secs_f64(),
             trace: hub,
         })

@@ -131,6 +131,9 @@ struct Agg {
     calls: u64,
     errors: u64,
     latencies_ns: Vec<u64>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: f64,
 }
 
 #[derive(Default, Debug)]
@@ -256,6 +259,12 @@ impl Hub {
         agg.calls += 1;
         agg.errors += u64::from(record.status == Status::Error);
         agg.latencies_ns.push(record.duration_ns());
+        if !record.attributes.is_empty() {
+            let num = |k: &str| record.attribute(k).and_then(Json::as_f64).unwrap_or(0.0);
+            agg.input_tokens += num("gen_ai.usage.input_tokens") as u64;
+            agg.output_tokens += num("gen_ai.usage.output_tokens") as u64;
+            agg.cost += num("cost");
+        }
         if keep {
             if s.records.len() >= self.0.capacity {
                 s.records.pop_front();
@@ -342,6 +351,9 @@ impl Hub {
                     p50_ms: pct(0.5),
                     p95_ms: pct(0.95),
                     p99_ms: pct(0.99),
+                    input_tokens: a.input_tokens,
+                    output_tokens: a.output_tokens,
+                    cost: a.cost,
                 }
             })
             .collect();
@@ -486,6 +498,12 @@ pub struct FunctionSummary {
     pub p95_ms: f64,
     /// 99th percentile, ms.
     pub p99_ms: f64,
+    /// Prompt tokens (`gen_ai.usage.input_tokens` of its records).
+    pub input_tokens: u64,
+    /// Completion tokens (`gen_ai.usage.output_tokens`).
+    pub output_tokens: u64,
+    /// Dollars (`cost` attributes).
+    pub cost: f64,
 }
 
 /// Per-function aggregates of a hub.
@@ -501,13 +519,14 @@ impl Summary {
     /// A Markdown table.
     pub fn to_markdown(&self) -> String {
         let mut s = String::from(
-            "| function | calls | errors | error rate | total ms | mean ms | min ms | max ms | p50 ms | p95 ms | p99 ms |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| function | calls | errors | error rate | total ms | mean ms | min ms | max ms | p50 ms | p95 ms | p99 ms | in tok | out tok | cost $ |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for f in &self.functions {
             s.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-                f.name, f.calls, f.errors, f.error_rate, f.total_ms, f.mean_ms, f.min_ms, f.max_ms, f.p50_ms, f.p95_ms, f.p99_ms
+                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.6} |\n",
+                f.name, f.calls, f.errors, f.error_rate, f.total_ms, f.mean_ms, f.min_ms, f.max_ms, f.p50_ms, f.p95_ms, f.p99_ms,
+                f.input_tokens, f.output_tokens, f.cost
             ));
         }
         s
@@ -534,6 +553,7 @@ impl Trace {
         examples: Option<(usize, usize)>,
         site: &'static Location<'static>,
         error: Option<&Error>,
+        attributes: Vec<(String, Json)>,
     ) {
         let Some(hub) = &self.hub else { return };
         if !hub.enabled() {
@@ -557,7 +577,7 @@ impl Trace {
             error_type: error.map(error_type),
             error_message: error.map(ToString::to_string),
             call_site: Some(format!("{}:{}", site.file(), site.line())),
-            attributes: Vec::new(),
+            attributes,
         });
     }
 
@@ -580,4 +600,37 @@ pub(crate) fn error_type(e: &Error) -> String {
         _ => "error",
     }
     .to_string()
+}
+
+tokio::task_local! {
+    /// Attributes an async body adds to the record of the call it is running in.
+    static CALL_NOTES: std::cell::RefCell<Vec<(String, Json)>>;
+}
+
+/// Adds an attribute to the record of the hyperfunction call this code runs in (an async body,
+/// e.g. GenAI fields from an LLM response). Outside a call it does nothing.
+///
+/// # Examples
+/// ```
+/// use hyperfunc::{HyperFn, IoError, Json};
+/// let f = HyperFn::io("lookup", None, |x: Json, _| async move {
+///     hyperfunc::observe::note_call("lookup.hit", true);
+///     Ok::<Json, IoError>(x)
+/// });
+/// # let _ = f;
+/// ```
+pub fn note_call(key: &str, value: impl Into<Json>) {
+    let _ = CALL_NOTES.try_with(|n| n.borrow_mut().push((key.to_string(), value.into())));
+}
+
+/// Runs `f` with a fresh attribute list for [`note_call`], returning what it noted.
+pub(crate) async fn with_call_notes<F: std::future::Future>(
+    f: F,
+) -> (F::Output, Vec<(String, Json)>) {
+    CALL_NOTES
+        .scope(std::cell::RefCell::new(Vec::new()), async move {
+            let out = f.await;
+            (out, CALL_NOTES.with(|n| n.take()))
+        })
+        .await
 }

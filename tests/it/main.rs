@@ -5,8 +5,12 @@ mod common;
 mod demos;
 mod errors;
 mod es;
+#[cfg(feature = "llm")]
+mod fake_openai;
 mod io;
 mod kernels;
+#[cfg(feature = "llm")]
+mod llm;
 mod observe;
 mod population;
 mod system;
