@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Real peers for the tests: an OpenAI-compatible server (LiteLLM proxy with mock models).
+# Real peers for the tests: an OpenAI-compatible server (LiteLLM proxy with mock models) and two
+# OTLP receivers (Arize Phoenix, queryable over REST; Rotel, which prints every span it gets).
 #   ci/peers.sh install   # venvs under $HYPERFUNC_PEERS (default ~/.hyperfunc-peers), pinned versions
 #   ci/peers.sh start     # starts the servers on 127.0.0.1, waits until they answer, prints env
 #   ci/peers.sh stop      # stops what `start` started, by pid
@@ -8,6 +9,12 @@ PEERS="${HYPERFUNC_PEERS:-$HOME/.hyperfunc-peers}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 LITELLM_VERSION="1.106.2"
 LITELLM_PORT="${HYPERFUNC_LITELLM_PORT:-4000}"
+PHOENIX_VERSION="20.26.1"
+ROTEL_VERSION="0.0.1a15"
+PHOENIX_HTTP_PORT=6006    # REST API and OTLP/HTTP (protobuf) at /v1/traces
+PHOENIX_GRPC_PORT=4317    # OTLP/gRPC
+ROTEL_GRPC_PORT=14317
+ROTEL_HTTP_PORT=14318
 mkdir -p "$PEERS"
 
 install() {
@@ -20,7 +27,31 @@ install() {
     "$uv" venv -q "$PEERS/venv-litellm"
     "$uv" pip install -q -p "$PEERS/venv-litellm/bin/python" "litellm[proxy]==$LITELLM_VERSION"
   fi
+  if [ ! -x "$PEERS/venv-phoenix/bin/phoenix" ]; then
+    "$uv" venv -q "$PEERS/venv-phoenix"
+    "$uv" pip install -q -p "$PEERS/venv-phoenix/bin/python" "arize-phoenix==$PHOENIX_VERSION"
+  fi
+  if [ ! -d "$PEERS/venv-rotel" ]; then
+    "$uv" venv -q "$PEERS/venv-rotel"
+    "$uv" pip install -q -p "$PEERS/venv-rotel/bin/python" "rotel==$ROTEL_VERSION"
+  fi
 }
+
+rotel_bin() { find "$PEERS/venv-rotel" -name rotel-agent -type f | head -1; }
+
+# launch NAME DIR CMD...: starts CMD in DIR in its own session (so `stop` ends its children too);
+# it writes its own pid (= the process group) before becoming the server.
+launch() {
+  local name="$1" dir="$2"; shift 2
+  rm -f "$PEERS/$name.pid"
+  # Every fd of the background job goes to the log: a caller reading our stdout through a pipe
+  # (`eval "$(ci/peers.sh start)"`) must see EOF when this script ends, not when the server does.
+  (cd "$dir" && exec setsid sh -c 'echo $$ >"$0"; exec "$@"' "$PEERS/$name.pid" "$@") \
+    </dev/null >"$PEERS/$name.log" 2>&1 &
+  for _ in $(seq 1 50); do [ -s "$PEERS/$name.pid" ] && break; sleep 0.1; done
+}
+
+running() { [ -f "$PEERS/$1.pid" ] && kill -0 "$(cat "$PEERS/$1.pid")" 2>/dev/null; }
 
 wait_for() { # url, pidfile, name, seconds
   local url="$1" pid; pid="$(cat "$2")"
@@ -34,27 +65,42 @@ wait_for() { # url, pidfile, name, seconds
 
 start() {
   install
-  if [ -f "$PEERS/litellm.pid" ] && kill -0 "$(cat "$PEERS/litellm.pid")" 2>/dev/null; then
+  if running litellm; then
     echo "litellm already running (pid $(cat "$PEERS/litellm.pid"))"
   else
     if curl -fsS -o /dev/null "http://127.0.0.1:$LITELLM_PORT/health/liveliness" 2>/dev/null; then
       echo "port $LITELLM_PORT already answers: stop that server first" >&2; return 1
     fi
-    rm -f "$PEERS/litellm.pid"
-    # In its own session, so that `stop` ends it with all its children; it writes its own pid
-    # (= the session's process group) before becoming the server.
-    (cd "$HERE/litellm" && LITELLM_RATE_LIMIT_WINDOW_SIZE=5 LITELLM_TELEMETRY=False \
-      setsid sh -c 'echo $$ >"$0"; exec "$@"' "$PEERS/litellm.pid" \
+    LITELLM_RATE_LIMIT_WINDOW_SIZE=5 LITELLM_TELEMETRY=False launch litellm "$HERE/litellm" \
       "$PEERS/venv-litellm/bin/litellm" --config config.yaml --host 127.0.0.1 \
-      --port "$LITELLM_PORT" --num_workers 1 </dev/null >"$PEERS/litellm.log" 2>&1 &)
-    for _ in $(seq 1 50); do [ -s "$PEERS/litellm.pid" ] && break; sleep 0.1; done
+      --port "$LITELLM_PORT" --num_workers 1
+  fi
+  if ! running phoenix; then
+    rm -rf "$PEERS/phoenix-data" && mkdir -p "$PEERS/phoenix-data"
+    PHOENIX_HOST=127.0.0.1 PHOENIX_PORT=$PHOENIX_HTTP_PORT PHOENIX_GRPC_PORT=$PHOENIX_GRPC_PORT \
+      PHOENIX_WORKING_DIR="$PEERS/phoenix-data" PHOENIX_TELEMETRY_ENABLED=false \
+      launch phoenix "$PEERS" "$PEERS/venv-phoenix/bin/phoenix" serve
+  fi
+  if ! running rotel; then
+    launch rotel "$PEERS" "$(rotel_bin)" start \
+      --otlp-grpc-endpoint "127.0.0.1:$ROTEL_GRPC_PORT" --otlp-http-endpoint "127.0.0.1:$ROTEL_HTTP_PORT" \
+      --exporter blackhole --debug-log traces --debug-log-verbosity detailed
   fi
   wait_for "http://127.0.0.1:$LITELLM_PORT/health/liveliness" "$PEERS/litellm.pid" litellm 120
+  wait_for "http://127.0.0.1:$PHOENIX_HTTP_PORT/healthz" "$PEERS/phoenix.pid" phoenix 120
+  for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/$ROTEL_HTTP_PORT) 2>/dev/null && break; sleep 0.1; done
+  (echo >/dev/tcp/127.0.0.1/$ROTEL_HTTP_PORT) 2>/dev/null || { echo "rotel did not start" >&2; cat "$PEERS/rotel.log" >&2; return 1; }
+  echo "rotel ready on $ROTEL_GRPC_PORT/$ROTEL_HTTP_PORT"
   echo "export HYPERFUNC_LLM_URL=http://127.0.0.1:$LITELLM_PORT/v1"
+  echo "export HYPERFUNC_PHOENIX_URL=http://127.0.0.1:$PHOENIX_HTTP_PORT"
+  echo "export HYPERFUNC_PHOENIX_GRPC=http://127.0.0.1:$PHOENIX_GRPC_PORT"
+  echo "export HYPERFUNC_ROTEL_GRPC=http://127.0.0.1:$ROTEL_GRPC_PORT"
+  echo "export HYPERFUNC_ROTEL_HTTP=http://127.0.0.1:$ROTEL_HTTP_PORT"
+  echo "export HYPERFUNC_ROTEL_LOG=$PEERS/rotel.log"
 }
 
 stop() {
-  for name in litellm; do
+  for name in litellm phoenix rotel; do
     if [ -f "$PEERS/$name.pid" ]; then
       pid="$(cat "$PEERS/$name.pid")"
       # The server leads its own process group: stop the group (workers included).

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use crate::data::{Examples, Value};
 use crate::error::{Error, Result, TensorContext};
 use crate::metric::Metric;
-use crate::observe::{Hub, Trace};
+use crate::observe::{Hub, Record, RecordKind, Status, Trace};
 use crate::system::{Cx, HyperSystem, Scope};
 use crate::theta::{Registry, Theta};
 
@@ -289,6 +289,49 @@ pub async fn evaluate<S: HyperSystem>(
 }
 
 pub(crate) async fn evaluate_with<S: HyperSystem + ?Sized>(
+    reg: &Arc<Registry>,
+    sys: &S,
+    pop: Arc<Population>,
+    examples: &Examples,
+    metric: &dyn Metric,
+    max_batch_size: usize,
+    trace: Trace,
+) -> Result<PopulationEval> {
+    let Some(hub) = trace.hub.clone().filter(Hub::enabled) else {
+        return evaluate_inner(reg, sys, pop, examples, metric, max_batch_size, trace).await;
+    };
+    // One `evaluate` span between the generation (or run) and its calls.
+    let (id, start, p, n) = (hub.next_id(), hub.now_ns(), pop.size(), examples.len());
+    let child = Trace {
+        hub: Some(hub.clone()),
+        parent: Some(id),
+        generation: trace.generation,
+    };
+    let out = evaluate_inner(reg, sys, pop, examples, metric, max_batch_size, child).await;
+    let mut rec = Record::span(
+        id,
+        trace.parent,
+        "evaluate",
+        RecordKind::Evaluation,
+        start,
+        hub.now_ns(),
+    );
+    rec.generation = trace.generation;
+    rec.candidates = Some((0, p));
+    rec.examples = Some((0, n));
+    match &out {
+        Ok(ev) => rec.attributes = vec![("hyperfunc.failed".into(), ev.failed.into())],
+        Err(e) => {
+            rec.status = Status::Error;
+            rec.error_type = Some(crate::observe::error_type(e));
+            rec.error_message = Some(e.to_string());
+        }
+    }
+    hub.push(rec);
+    out
+}
+
+async fn evaluate_inner<S: HyperSystem + ?Sized>(
     reg: &Arc<Registry>,
     sys: &S,
     pop: Arc<Population>,

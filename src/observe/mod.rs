@@ -10,6 +10,11 @@ mod store;
 
 pub use store::{GroupStats, TraceReport, TraceStore};
 
+#[cfg(feature = "otlp")]
+mod otlp;
+#[cfg(feature = "otlp")]
+pub use otlp::{OtlpConfig, OtlpExporter, OtlpProtocol, OtlpStats};
+
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::Location;
 use std::path::Path;
@@ -38,6 +43,8 @@ pub enum RecordKind {
     Observe,
     /// A scope opened by [`Hub::trace`].
     Session,
+    /// One population evaluation (a generation's, or the final one of a run).
+    Evaluation,
 }
 
 /// How a call ended.
@@ -136,11 +143,14 @@ struct Agg {
     cost: f64,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default)]
 struct State {
     records: VecDeque<Record>,
     dropped: u64,
     aggs: BTreeMap<Arc<str>, Agg>,
+    /// Usage per `gen_ai.request.model`.
+    models: BTreeMap<String, ModelSummary>,
+    sinks: Vec<Sink>,
     sessions: Vec<u64>,
 }
 
@@ -153,8 +163,22 @@ struct Inner {
     sample_every: AtomicU64,
     seen: AtomicU64,
     capacity: usize,
+    trace_id: u128,
     state: Mutex<State>,
 }
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("records", &self.records.len())
+            .field("dropped", &self.dropped)
+            .field("sinks", &self.sinks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Something that receives every record a hub keeps or aggregates (an exporter's queue).
+pub(crate) type Sink = Arc<dyn Fn(&Record) + Send + Sync>;
 
 /// Collects records; cheap to clone (shared).
 ///
@@ -203,8 +227,23 @@ impl Hub {
             sample_every: AtomicU64::new(1),
             seen: AtomicU64::new(0),
             capacity,
+            trace_id: rand::random::<u128>().max(1),
             state: Mutex::new(State::default()),
         }))
+    }
+
+    /// The OpenTelemetry trace id of this hub's records (one hub, one trace), 32 hex digits.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.0.trace_id)
+    }
+
+    pub(crate) fn trace_id_u128(&self) -> u128 {
+        self.0.trace_id
+    }
+
+    /// Hands every record pushed from now on (sampled out or not) to `sink`.
+    pub(crate) fn add_sink(&self, sink: Sink) {
+        lock(&self.0.state).sinks.push(sink);
     }
 
     /// Turns recording on or off (aggregates included).
@@ -254,16 +293,44 @@ impl Hub {
         let keep = every <= 1
             || self.0.seen.fetch_add(1, Ordering::Relaxed) % every == 0
             || record.status == Status::Error;
-        let mut s = lock(&self.0.state);
+        let mut guard = lock(&self.0.state);
+        let s = &mut *guard;
         let agg = s.aggs.entry(record.name.clone()).or_default();
         agg.calls += 1;
         agg.errors += u64::from(record.status == Status::Error);
         agg.latencies_ns.push(record.duration_ns());
         if !record.attributes.is_empty() {
             let num = |k: &str| record.attribute(k).and_then(Json::as_f64).unwrap_or(0.0);
-            agg.input_tokens += num("gen_ai.usage.input_tokens") as u64;
-            agg.output_tokens += num("gen_ai.usage.output_tokens") as u64;
-            agg.cost += num("cost");
+            let (inp, out, cost) = (
+                num("gen_ai.usage.input_tokens") as u64,
+                num("gen_ai.usage.output_tokens") as u64,
+                num("cost"),
+            );
+            agg.input_tokens += inp;
+            agg.output_tokens += out;
+            agg.cost += cost;
+            if let Some(m) = record
+                .attribute("gen_ai.request.model")
+                .and_then(Json::as_str)
+            {
+                let e = s
+                    .models
+                    .entry(m.to_string())
+                    .or_insert_with(|| ModelSummary {
+                        model: m.to_string(),
+                        ..ModelSummary::default()
+                    });
+                e.calls += 1;
+                e.errors += u64::from(record.status == Status::Error);
+                e.input_tokens += inp;
+                e.output_tokens += out;
+                e.cost += cost;
+                e.cache_hits +=
+                    u64::from(record.attribute("hyperfunc.cache_hit") == Some(&Json::Bool(true)));
+            }
+        }
+        for sink in &s.sinks {
+            sink(&record);
         }
         if keep {
             if s.records.len() >= self.0.capacity {
@@ -286,7 +353,12 @@ impl Hub {
 
     /// Forgets every record and aggregate.
     pub fn clear(&self) {
-        *lock(&self.0.state) = State::default();
+        let mut s = lock(&self.0.state);
+        let sinks = std::mem::take(&mut s.sinks);
+        *s = State {
+            sinks,
+            ..State::default()
+        };
     }
 
     /// Starts timing a scope of user code; the record is written when the guard drops.
@@ -317,7 +389,7 @@ impl Hub {
     /// Per-function aggregates over every call seen.
     pub fn summary(&self) -> Summary {
         let s = lock(&self.0.state);
-        let functions = s
+        let functions: Vec<FunctionSummary> = s
             .aggs
             .iter()
             .map(|(name, a)| {
@@ -357,8 +429,11 @@ impl Hub {
                 }
             })
             .collect();
+        let models: Vec<ModelSummary> = s.models.values().cloned().collect();
         Summary {
+            total_cost: functions.iter().map(|f| f.cost).sum(),
             functions,
+            models,
             dropped: s.dropped,
         }
     }
@@ -511,8 +586,31 @@ pub struct FunctionSummary {
 pub struct Summary {
     /// One entry per function, by name.
     pub functions: Vec<FunctionSummary>,
+    /// One entry per LLM model (`gen_ai.request.model`), by name.
+    pub models: Vec<ModelSummary>,
+    /// Dollars over every function.
+    pub total_cost: f64,
     /// Raw records dropped because the hub was full.
     pub dropped: u64,
+}
+
+/// LLM usage of one model, from its calls' GenAI attributes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelSummary {
+    /// `gen_ai.request.model`.
+    pub model: String,
+    /// Calls.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Calls served from the response cache.
+    pub cache_hits: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// Dollars.
+    pub cost: f64,
 }
 
 impl Summary {
@@ -528,6 +626,25 @@ impl Summary {
                 f.name, f.calls, f.errors, f.error_rate, f.total_ms, f.mean_ms, f.min_ms, f.max_ms, f.p50_ms, f.p95_ms, f.p99_ms,
                 f.input_tokens, f.output_tokens, f.cost
             ));
+        }
+        if !self.models.is_empty() {
+            s.push_str(
+                "\n| model | calls | errors | cache hits | in tok | out tok | cost $ |\n\
+                 | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            );
+            for m in &self.models {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {:.6} |\n",
+                    m.model,
+                    m.calls,
+                    m.errors,
+                    m.cache_hits,
+                    m.input_tokens,
+                    m.output_tokens,
+                    m.cost
+                ));
+            }
+            s.push_str(&format!("\ntotal cost: ${:.6}\n", self.total_cost));
         }
         s
     }

@@ -414,6 +414,11 @@ async fn llm_hyperfunction_records_genai_attributes_and_errors() {
     let st = c.stats();
     assert_eq!(greet.output_tokens, st.by_label["greet"].output_tokens);
     assert!((greet.cost - st.by_label["greet"].cost_usd).abs() < 1e-12 && greet.cost > 0.0);
+    assert_eq!(sum.models.len(), 1);
+    assert_eq!(sum.models[0].model, "mock-gpt");
+    assert_eq!(sum.models[0].calls, 2);
+    assert!((sum.total_cost - greet.cost).abs() < 1e-12);
+    assert!(sum.to_markdown().contains("| mock-gpt | 2 | 0 |"));
 
     let sys = Chain::new(vec![bad]);
     let theta = Theta::init(&sys, 0, &candle_core::Device::Cpu).unwrap();

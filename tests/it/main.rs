@@ -12,5 +12,7 @@ mod kernels;
 #[cfg(feature = "llm")]
 mod llm;
 mod observe;
+#[cfg(all(feature = "otlp", feature = "llm"))]
+mod otlp;
 mod population;
 mod system;

@@ -59,8 +59,24 @@ async fn an_optimisation_is_recorded_as_run_generations_and_calls() {
     assert!(gens.iter().all(|g| g.parent == Some(run[0].id)));
     // 2 functions × 2 chunks × 3 generations, plus 2 calls for the final evaluation of θ.
     assert_eq!(calls.len(), 2 * 2 * 3 + 2);
+    let evals: Vec<_> = recs
+        .iter()
+        .filter(|r| r.kind == RecordKind::Evaluation)
+        .collect();
+    assert_eq!(
+        evals.len(),
+        3 + 1,
+        "one per generation and the final evaluation"
+    );
     for g in &gens {
-        let mine: Vec<_> = calls.iter().filter(|c| c.parent == Some(g.id)).collect();
+        // run → generation → evaluate → call
+        let eval: Vec<_> = evals.iter().filter(|e| e.parent == Some(g.id)).collect();
+        assert_eq!(eval.len(), 1);
+        assert_eq!(eval[0].candidates, Some((0, 8)));
+        let mine: Vec<_> = calls
+            .iter()
+            .filter(|c| c.parent == Some(eval[0].id))
+            .collect();
         assert_eq!(mine.len(), 4);
         assert!(mine.iter().all(|c| c.generation == g.generation));
         // The chunks cover all 8 candidates.
@@ -113,8 +129,16 @@ async fn failing_async_calls_are_recorded_with_error_status() {
     evaluate_population_observed(&sys, &pop, &data, &score, 1 << 16, &hub)
         .await
         .unwrap();
-    let recs = hub.records();
+    let all = hub.records();
+    let eval: Vec<_> = all
+        .iter()
+        .filter(|r| r.kind == RecordKind::Evaluation)
+        .collect();
+    assert_eq!(eval.len(), 1);
+    assert_eq!(eval[0].attribute("hyperfunc.failed"), Some(&json!(2)));
+    let recs: Vec<_> = all.iter().filter(|r| r.kind == RecordKind::Io).collect();
     assert_eq!(recs.len(), 12, "one record per candidate × example");
+    assert!(recs.iter().all(|r| r.parent == Some(eval[0].id)));
     let errors: Vec<_> = recs.iter().filter(|r| r.status == Status::Error).collect();
     assert_eq!(errors.len(), 6);
     assert!(errors.iter().all(|r| r.error_type.as_deref() == Some("io")));
@@ -126,8 +150,9 @@ async fn failing_async_calls_are_recorded_with_error_status() {
     let ex: Vec<(usize, usize)> = recs.iter().map(|r| r.examples.unwrap()).collect();
     assert!(ex.iter().all(|&(a, b)| b == a + 1 && b <= 3));
     let s = hub.summary();
-    assert_eq!((s.functions[0].calls, s.functions[0].errors), (12, 6));
-    assert!((s.functions[0].error_rate - 0.5).abs() < 1e-12);
+    let f = s.functions.iter().find(|f| f.name != "evaluate").unwrap();
+    assert_eq!((f.calls, f.errors), (12, 6));
+    assert!((f.error_rate - 0.5).abs() < 1e-12);
 }
 
 #[test]
