@@ -146,7 +146,8 @@ pub struct OtlpStats {
 }
 
 enum Msg {
-    Span(Box<SpanData>),
+    /// A record and its hub's trace id; it becomes a span on the sender task, off the hot path.
+    Record(Box<Record>, u128),
     Flush(oneshot::Sender<()>),
 }
 
@@ -173,7 +174,6 @@ struct Counters {
 pub struct OtlpExporter {
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
-    scope: InstrumentationScope,
 }
 
 impl std::fmt::Debug for OtlpExporter {
@@ -241,6 +241,9 @@ impl OtlpExporter {
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
         let (batch_size, every) = (cfg.batch_size.max(1), cfg.flush_interval);
+        let scope = InstrumentationScope::builder("hyperfunc")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
         handle.spawn(async move {
             let mut batch: Vec<SpanData> = Vec::new();
             let send = |batch: Vec<SpanData>| {
@@ -266,8 +269,8 @@ impl OtlpExporter {
                     Err(_) => None, // interval passed: send what is waiting
                 };
                 match msg {
-                    Some(Msg::Span(s)) => {
-                        batch.push(*s);
+                    Some(Msg::Record(r, trace)) => {
+                        batch.push(to_span(&r, trace, &scope));
                         if batch.len() < batch_size {
                             continue;
                         }
@@ -289,26 +292,17 @@ impl OtlpExporter {
                 send(batch).await;
             }
         });
-        Ok(Self {
-            tx,
-            counters,
-            scope: InstrumentationScope::builder("hyperfunc")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
-        })
+        Ok(Self { tx, counters })
     }
 
     /// Exports every record `hub` receives from now on.
     pub fn attach(&self, hub: &Hub) {
-        let (tx, counters, scope, trace) = (
-            self.tx.clone(),
-            self.counters.clone(),
-            self.scope.clone(),
-            hub.trace_id_u128(),
-        );
+        let (tx, counters, trace) = (self.tx.clone(), self.counters.clone(), hub.trace_id_u128());
         hub.add_sink(Arc::new(move |r: &Record| {
-            let span = Box::new(to_span(r, trace, &scope));
-            if tx.try_send(Msg::Span(span)).is_err() {
+            if tx
+                .try_send(Msg::Record(Box::new(r.clone()), trace))
+                .is_err()
+            {
                 counters.dropped.fetch_add(1, Relaxed);
             }
         }));
