@@ -237,11 +237,13 @@ impl Hub {
         format!("{:032x}", self.0.trace_id)
     }
 
+    #[cfg(feature = "otlp")]
     pub(crate) fn trace_id_u128(&self) -> u128 {
         self.0.trace_id
     }
 
     /// Hands every record pushed from now on (sampled out or not) to `sink`.
+    #[cfg(feature = "otlp")]
     pub(crate) fn add_sink(&self, sink: Sink) {
         lock(&self.0.state).sinks.push(sink);
     }
