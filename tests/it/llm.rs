@@ -22,7 +22,7 @@ use crate::fake_openai;
 fn litellm_url() -> String {
     std::env::var("HYPERFUNC_LLM_URL").unwrap_or_else(|_| {
         panic!(
-            "HYPERFUNC_LLM_URL is not set: start the real server with `eval \"$(ci/peers.sh start)\"` \
+            "HYPERFUNC_LLM_URL is not set: start the real server with `eval \"$(ci/peers.sh start | grep '^export ')\"` \
              or run the whole suite with `ci/test`"
         )
     })

@@ -12,7 +12,7 @@ use serde_json::{json, Value as Json};
 fn env(k: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| {
         panic!(
-            "{k} is not set: start the peers with `eval \"$(ci/peers.sh start)\"` or run `ci/test`"
+            "{k} is not set: start the peers with `eval \"$(ci/peers.sh start | grep '^export ')\"` or run `ci/test`"
         )
     })
 }
