@@ -5,16 +5,39 @@
 //! (`preds: [P, N, ..]` or shared `[N, ..]`, `targets: [N, ..]`).
 
 use candle_core::{Tensor, D};
+use futures::future::BoxFuture;
 use rayon::prelude::*;
 
 use crate::data::Value;
 use crate::error::{Error, Result, TensorContext};
 use crate::function::Json;
 
+/// What [`Metric::score_async`] sees: the inputs, predictions and targets of `pop` candidates.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// The examples' inputs (shared by all candidates).
+    pub inputs: &'a Value,
+    /// The predictions of all `pop` candidates on all examples.
+    pub preds: &'a Value,
+    /// The examples' targets.
+    pub targets: &'a Value,
+    /// Number of candidates.
+    pub pop: usize,
+}
+
 /// Scores the predictions of `pop` candidates.
+///
+/// A metric that must wait on I/O (an LLM judge) overrides [`Metric::score_async`], which the
+/// engine awaits on its own runtime: nothing ever blocks a runtime thread, and nothing is
+/// silently scored 0 for want of an event loop.
 pub trait Metric: Send + Sync {
     /// One value per candidate; `preds` covers all examples of the `pop` candidates.
     fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>>;
+
+    /// The async form the engine calls; by default it is [`Metric::score`].
+    fn score_async<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, Result<Vec<f32>>> {
+        Box::pin(async move { self.score(batch.preds, batch.targets, batch.pop) })
+    }
 }
 
 /// Predictions as `[P, N·k]` and targets as `[1, N·k]`, checking that they line up.

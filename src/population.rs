@@ -392,7 +392,14 @@ async fn evaluate_inner<S: HyperSystem + ?Sized>(
             parts.push(value);
         }
         let preds = Value::concat_examples(parts, pcur)?;
-        let scores = metric.score(&preds, &examples.targets, pcur)?;
+        let scores = metric
+            .score_async(crate::metric::Batch {
+                inputs: &examples.inputs,
+                preds: &preds,
+                targets: &examples.targets,
+                pop: pcur,
+            })
+            .await?;
         if scores.len() != pcur {
             return Err(Error::ShapeMismatch {
                 function: "metric".into(),
