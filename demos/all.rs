@@ -4,6 +4,9 @@
 mod affine;
 #[path = "lm_params.rs"]
 mod lm_params;
+#[cfg(feature = "llm")]
+#[path = "prompt_qa.rs"]
+mod prompt_qa;
 #[path = "xor.rs"]
 mod xor;
 #[path = "xor_single_layer.rs"]
@@ -15,5 +18,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", xor_single_layer::run().await?);
     println!("{}", affine::run().await?);
     println!("{}", lm_params::run().await?);
+    #[cfg(feature = "llm")]
+    println!("{}", prompt_qa::run().await?);
     Ok(())
 }

@@ -139,6 +139,26 @@ impl Value {
     }
 
     /// The examples `[start, start+len)` of a shared value.
+    /// The shared examples at `idx`, in that order.
+    pub(crate) fn select_examples(&self, idx: &[usize]) -> Result<Value> {
+        match &self.data {
+            Data::Tensor { t, batched: false } => {
+                let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+                let ids = Tensor::from_vec(ids, idx.len(), t.device()).at("examples")?;
+                Ok(Value::shared(t.index_select(&ids, 0).at("examples")?))
+            }
+            Data::Json {
+                items,
+                batched: false,
+            } => Ok(Value::json(idx.iter().map(|&i| items[i].clone()).collect())),
+            _ => Err(Error::WrongValueKind {
+                function: "examples".into(),
+                expected: "shared examples",
+                actual: "per-candidate values",
+            }),
+        }
+    }
+
     pub(crate) fn slice_examples(&self, start: usize, len: usize) -> Result<Value> {
         Ok(match &self.data {
             Data::Tensor { t, batched } => Value {
@@ -318,5 +338,65 @@ impl Examples {
     /// The expected outputs.
     pub fn targets(&self) -> &Value {
         &self.targets
+    }
+
+    /// The examples at `indices`, in that order (an index may repeat).
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        if indices.is_empty() {
+            return Err(Error::EmptyExamples);
+        }
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len) {
+            return Err(Error::config(
+                "indices",
+                format!("index {bad} is out of range for {} examples", self.len),
+            ));
+        }
+        Ok(Self {
+            inputs: self.inputs.select_examples(indices)?,
+            targets: self.targets.select_examples(indices)?,
+            len: indices.len(),
+        })
+    }
+
+    /// A deterministic split into (train, held-out): `fraction` of the examples (at least one,
+    /// and at least one left to train on) go to the held-out part, chosen by a shuffle seeded
+    /// with `seed`. Each part keeps the original order.
+    ///
+    /// # Examples
+    /// ```
+    /// use hyperfunc::{Examples, Json};
+    /// let xs: Vec<Json> = (0..10).map(Json::from).collect();
+    /// let data = Examples::json(xs.clone(), xs)?;
+    /// let (train, val) = data.split(0.3, 7)?;
+    /// assert_eq!((train.len(), val.len()), (7, 3));
+    /// assert_eq!(data.split(0.3, 7)?.1.inputs().as_json()?, val.inputs().as_json()?);
+    /// # Ok::<(), hyperfunc::Error>(())
+    /// ```
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(Self, Self)> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::config(
+                "fraction",
+                format!("must be in (0, 1), got {fraction}"),
+            ));
+        }
+        if self.len < 2 {
+            return Err(Error::config(
+                "split",
+                format!("needs at least 2 examples, got {}", self.len),
+            ));
+        }
+        let held = ((self.len as f64 * fraction).round() as usize).clamp(1, self.len - 1);
+        // Fisher–Yates on the indices, driven by the crate's counter-based generator.
+        let mut order: Vec<usize> = (0..self.len).collect();
+        for i in (1..self.len).rev() {
+            let u = crate::rng::uniform(&[seed, 0x5B17, i as u64]);
+            let j = ((u * (i + 1) as f64) as usize).min(i);
+            order.swap(i, j);
+        }
+        let mut val: Vec<usize> = order[..held].to_vec();
+        let mut train: Vec<usize> = order[held..].to_vec();
+        val.sort_unstable();
+        train.sort_unstable();
+        Ok((self.select(&train)?, self.select(&val)?))
     }
 }

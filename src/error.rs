@@ -114,6 +114,21 @@ pub enum Error {
         retryable: bool,
     },
 
+    /// An async hyperfunction got an answer it could not parse into its outputs (for instance
+    /// a model that ignored the requested format). Counts against the candidate.
+    #[error(
+        "`{function}` could not parse its output: {message}; the output was: {}",
+        clip(output)
+    )]
+    Parse {
+        /// The hyperfunction.
+        function: String,
+        /// What was missing or malformed.
+        message: String,
+        /// The raw output.
+        output: String,
+    },
+
     /// An async hyperfunction did not finish within its timeout.
     #[error("`{function}` timed out after {after:?}")]
     Timeout {
@@ -191,6 +206,14 @@ impl Error {
                 ..
             } | Error::Timeout { .. }
         )
+    }
+}
+
+/// The first 200 characters of a text, for error messages.
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{:?}…", &s[..i]),
+        None => format!("{s:?}"),
     }
 }
 

@@ -33,6 +33,8 @@ pub struct IoError {
     pub message: String,
     /// Whether the runtime should retry the call.
     pub retryable: bool,
+    /// The output the body could not parse, for [`IoError::parse`] errors.
+    pub unparsed: Option<String>,
 }
 
 impl IoError {
@@ -41,6 +43,7 @@ impl IoError {
         Self {
             message: message.into(),
             retryable: true,
+            unparsed: None,
         }
     }
 
@@ -49,6 +52,18 @@ impl IoError {
         Self {
             message: message.into(),
             retryable: false,
+            unparsed: None,
+        }
+    }
+
+    /// The body got an answer but could not read the output it needs from it (a model that
+    /// ignored the requested format). Never retried; surfaces as [`crate::Error::Parse`] and
+    /// counts against the candidate.
+    pub fn parse(message: impl Into<String>, unparsed: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            unparsed: Some(unparsed.into()),
         }
     }
 }
@@ -174,6 +189,10 @@ pub(crate) struct Inner {
     pub body: Body,
     pub policy: RuntimePolicy,
     pub prompt: Option<String>,
+    /// Whether prompt learning may rewrite the prompt.
+    pub prompt_learnable: bool,
+    /// The task the prompt serves, shown to the meta-prompt model.
+    pub signature: Option<Arc<crate::prompt::Signature>>,
 }
 
 /// A named unit with learnable parameters and a body. Cheap to clone (shared).
@@ -215,6 +234,8 @@ impl HyperFn {
             body,
             policy: RuntimePolicy::default(),
             prompt: None,
+            prompt_learnable: true,
+            signature: None,
         }))
     }
 
@@ -368,6 +389,29 @@ impl HyperFn {
     pub fn prompt(self, text: impl Into<String>) -> Self {
         let text = text.into();
         self.edit(|i| i.prompt = Some(text))
+    }
+
+    /// Keeps the prompt fixed: prompt learning will not rewrite it.
+    pub fn freeze_prompt(self) -> Self {
+        self.edit(|i| i.prompt_learnable = false)
+    }
+
+    /// Whether prompt learning may rewrite this function's prompt (it has one and it is not
+    /// frozen).
+    pub fn prompt_learnable(&self) -> bool {
+        self.0.prompt.is_some() && self.0.prompt_learnable
+    }
+
+    /// Describes the task the prompt serves (shown to the prompt optimizer's meta-prompt).
+    pub fn with_signature(self, signature: crate::prompt::Signature) -> Self {
+        let signature = Arc::new(signature);
+        self.edit(|i| i.signature = Some(signature))
+    }
+
+    /// The signature of a [`HyperFn::predict`] function (or one set with
+    /// [`HyperFn::with_signature`]).
+    pub fn signature(&self) -> Option<&crate::prompt::Signature> {
+        self.0.signature.as_deref()
     }
 
     /// The function's name.

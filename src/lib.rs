@@ -39,6 +39,7 @@ pub mod bench;
 mod data;
 mod error;
 pub mod es;
+pub mod eval;
 mod function;
 mod kernels;
 mod layers;
@@ -48,6 +49,7 @@ pub mod metric;
 pub mod observe;
 mod param;
 mod population;
+pub mod prompt;
 mod rng;
 mod system;
 mod theta;
@@ -67,6 +69,11 @@ pub use population::{
 };
 pub use system::{trace_dag, Chain, Cx, Dag, HyperSystem, Node, NodeKind};
 pub use theta::Theta;
+
+/// `#[derive(Signature)]`: a struct's doc comment and `#[input]`/`#[output]` fields as a
+/// [`prompt::Signature`] (see [`prompt::HasSignature`]).
+#[cfg(feature = "derive")]
+pub use hyperfunc_derive::Signature;
 
 /// Sets the number of worker threads of the CPU kernels (the global rayon pool; the
 /// `HYPERFUNC_THREADS` environment variable does the same for the `hyperfunc` CLI).

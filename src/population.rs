@@ -93,6 +93,15 @@ impl Population {
         let first = thetas
             .first()
             .ok_or_else(|| Error::config("population", "needs at least one candidate θ"))?;
+        if let Some(i) = thetas.iter().position(|t| t.prompts().ne(first.prompts())) {
+            return Err(Error::config(
+                "population",
+                format!(
+                    "candidate {i} has other prompts than candidate 0; one population shares \
+                     its prompts (evaluate prompt variants as separate populations)"
+                ),
+            ));
+        }
         let mut perturb = BTreeMap::new();
         for (name, _) in first.iter() {
             let ts = thetas
@@ -181,7 +190,7 @@ impl Population {
                 ),
             ));
         }
-        let mut theta = Theta::default();
+        let mut theta = self.base.prompts_only();
         for (name, _) in self.base.iter() {
             let t = self
                 .chunk(name, i, 1)?

@@ -20,7 +20,7 @@ use futures::StreamExt;
 
 use crate::data::{Data, Value};
 use crate::error::{Error, Result, TensorContext};
-use crate::function::{Body, HyperFn, Inner, IoBody, IoParams, Json};
+use crate::function::{Body, HyperFn, Inner, IoBody, IoError, IoParams, Json};
 use crate::layers::{self, Act};
 use crate::observe::{RecordKind, Trace};
 use crate::population::{ParamChunk, Population};
@@ -180,7 +180,7 @@ impl Scope {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another call panicked; the data (counters, records) stays usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -489,7 +489,12 @@ impl Cx {
                 acc.extend(r);
             }
         }
-        let prompt: Option<Arc<str>> = f.prompt.as_deref().map(Arc::from);
+        let prompt: Option<Arc<str>> = self
+            .pop
+            .base()
+            .prompt(name)
+            .or(f.prompt.as_deref())
+            .map(Arc::from);
         let params: Vec<IoParams> = per_cand
             .into_iter()
             .map(|v| IoParams {
@@ -600,6 +605,17 @@ impl Cx {
                     let u = rng::uniform(&[rng::name_hash(&f.name), cand, ex, u64::from(attempt)]);
                     tokio::time::sleep(Duration::from_secs_f64(cap * u)).await;
                     attempt += 1;
+                }
+                Err(IoError {
+                    message,
+                    unparsed: Some(output),
+                    ..
+                }) => {
+                    return Err(Error::Parse {
+                        function: f.name.clone(),
+                        message,
+                        output,
+                    })
                 }
                 Err(e) => {
                     return Err(Error::Io {

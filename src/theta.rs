@@ -62,7 +62,13 @@ impl Registry {
 #[derive(Clone, Debug, Default)]
 pub struct Theta {
     tensors: BTreeMap<String, Tensor>,
+    /// Prompt text by function name: the part of θ that prompt learning rewrites and ES never
+    /// touches. A function without an entry uses its own [`HyperFn::prompt`].
+    prompts: BTreeMap<String, String>,
 }
+
+/// The safetensors metadata key prefix under which [`Theta::save`] stores prompts.
+const PROMPT_KEY: &str = "hyperfunc.prompt.";
 
 impl Theta {
     /// The initial θ of a system's declared parameters, drawn from `seed`.
@@ -76,13 +82,48 @@ impl Theta {
             .iter()
             .map(|(name, spec)| Ok((name.clone(), spec.initial_raw(name, seed, device)?)))
             .collect::<Result<_>>()?;
-        Ok(Self { tensors })
+        let prompts = reg
+            .functions
+            .iter()
+            .filter_map(|(name, f)| Some((name.clone(), f.prompt_text()?.to_string())))
+            .collect();
+        Ok(Self { tensors, prompts })
     }
 
     /// Builds θ from named tensors (no checks until used with a system).
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
         Self {
             tensors: tensors.into_iter().collect(),
+            prompts: BTreeMap::new(),
+        }
+    }
+
+    /// The prompt of hyperfunction `function` in this θ, if θ holds one.
+    pub fn prompt(&self, function: &str) -> Option<&str> {
+        self.prompts.get(function).map(String::as_str)
+    }
+
+    /// Sets the prompt of hyperfunction `function` (it overrides the function's own prompt).
+    pub fn set_prompt(&mut self, function: impl Into<String>, text: impl Into<String>) {
+        self.prompts.insert(function.into(), text.into());
+    }
+
+    /// θ with the prompt of `function` replaced.
+    pub fn with_prompt(mut self, function: impl Into<String>, text: impl Into<String>) -> Self {
+        self.set_prompt(function, text);
+        self
+    }
+
+    /// Every prompt held, as (function, text), sorted by function.
+    pub fn prompts(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.prompts.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// An empty θ that keeps these prompts (for building the next θ of an update).
+    pub(crate) fn prompts_only(&self) -> Self {
+        Self {
+            tensors: BTreeMap::new(),
+            prompts: self.prompts.clone(),
         }
     }
 
@@ -121,6 +162,20 @@ impl Theta {
 
     /// Checks that θ has every declared parameter with its declared shape.
     pub(crate) fn check(&self, reg: &Registry) -> Result<()> {
+        if let Some(name) = self
+            .prompts
+            .keys()
+            .find(|n| !reg.functions.contains_key(*n))
+        {
+            return Err(Error::config(
+                "θ prompts",
+                format!(
+                    "θ holds a prompt for `{name}`, which is not a hyperfunction of this system \
+                     (its functions: {})",
+                    reg.functions.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
         for (name, spec) in &reg.params {
             let t = self
                 .get(name)
@@ -137,31 +192,57 @@ impl Theta {
         Ok(())
     }
 
-    /// Saves θ as a safetensors file.
+    /// Saves θ as a safetensors file; prompts go in its metadata (`hyperfunc.prompt.<fn>`).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let map: HashMap<String, Tensor> = self.tensors.clone().into_iter().collect();
-        candle_core::safetensors::save(&map, path).map_err(|e| Error::File {
+        let file_err = |e: String| Error::File {
             path: path.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })
+            source: std::io::Error::other(e),
+        };
+        let meta: HashMap<String, String> = self
+            .prompts
+            .iter()
+            .map(|(k, v)| (format!("{PROMPT_KEY}{k}"), v.clone()))
+            .collect();
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.contiguous().at(k)?)))
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(tensors, (!meta.is_empty()).then_some(meta), path)
+            .map_err(|e| file_err(e.to_string()))
     }
 
-    /// Loads θ from a safetensors file onto `device`.
+    /// Loads θ (tensors and prompts) from a safetensors file onto `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let map = candle_core::safetensors::load(path, device).map_err(|e| Error::File {
+        let file_err = |e: String| Error::File {
             path: path.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other(e),
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            source: e,
         })?;
+        let map = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| file_err(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(e.to_string()))?;
+        let prompts = meta
+            .metadata()
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.strip_prefix(PROMPT_KEY)?.to_string(), v.clone())))
+            .collect();
         Ok(Self {
             tensors: map.into_iter().collect(),
+            prompts,
         })
     }
 
     /// Whether every tensor is bit-identical to `other`'s.
     pub fn bit_eq(&self, other: &Theta) -> Result<bool> {
-        if self.tensors.len() != other.tensors.len() {
+        if self.tensors.len() != other.tensors.len() || self.prompts != other.prompts {
             return Ok(false);
         }
         for (name, t) in &self.tensors {

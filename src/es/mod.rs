@@ -758,6 +758,14 @@ impl EsRun {
         self.generation
     }
 
+    /// Replaces the prompt of hyperfunction `function` in the mean θ (prompt learning between
+    /// generations). A generation asked for but not yet told is drawn again around the new θ
+    /// (the same noise: it depends only on the seed and the generation).
+    pub fn set_prompt(&mut self, function: &str, text: &str) {
+        self.theta.set_prompt(function, text);
+        self.pending = None;
+    }
+
     /// The candidates of the current generation (drawn once; asking again returns the same).
     pub fn ask(&mut self) -> Result<Population> {
         Ok(self.ask_shared()?.as_ref().clone())
@@ -816,7 +824,7 @@ impl EsRun {
             _ => 1.0 / (p as f64 * pending.sigma),
         };
         self.state.begin();
-        let mut next = Theta::default();
+        let mut next = self.theta.prompts_only();
         for (name, sum) in noise_sums(&self.reg, &pending.draws, &u, es.antithetic, &es.device)? {
             let t = self
                 .theta

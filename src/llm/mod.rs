@@ -707,7 +707,7 @@ impl LlmClient {
             .or_default());
     }
 
-    fn model(&self, model: &str) -> ModelConfig {
+    pub(crate) fn model(&self, model: &str) -> ModelConfig {
         self.0.cfg.models.get(model).cloned().unwrap_or_default()
     }
 
@@ -1149,7 +1149,7 @@ fn request_for(
     Ok(r)
 }
 
-fn note_request(client: &LlmClient, r: &ChatRequest) {
+pub(crate) fn note_request(client: &LlmClient, r: &ChatRequest) {
     note_call("gen_ai.operation.name", "chat");
     note_call("gen_ai.provider.name", client.0.provider.as_str());
     note_call("gen_ai.request.model", r.model.as_str());
@@ -1164,7 +1164,7 @@ fn note_request(client: &LlmClient, r: &ChatRequest) {
     }
 }
 
-fn note_response(resp: &ChatResponse) {
+pub(crate) fn note_response(resp: &ChatResponse) {
     note_call("gen_ai.response.model", resp.model.as_str());
     note_call(
         "gen_ai.response.finish_reasons",

@@ -711,6 +711,7 @@ pub(crate) fn error_type(e: &Error) -> String {
     match e {
         Error::ShapeMismatch { .. } => "shape_mismatch",
         Error::Io { .. } => "io",
+        Error::Parse { .. } => "parse",
         Error::Timeout { .. } => "timeout",
         Error::BudgetExhausted { .. } => "budget_exhausted",
         Error::Tensor { .. } => "tensor",

@@ -4,6 +4,9 @@
 mod affine;
 #[path = "../../demos/lm_params.rs"]
 mod lm_params;
+#[cfg(feature = "llm")]
+#[path = "../../demos/prompt_qa.rs"]
+mod prompt_qa;
 #[path = "../../demos/xor.rs"]
 mod xor;
 #[path = "../../demos/xor_single_layer.rs"]
@@ -44,4 +47,36 @@ async fn lm_params_pull_temperature_to_target() {
     assert!((f(&v, "start_temperature") - 0.7).abs() < 1e-6);
     assert!((f(&v, "temperature") - 0.5).abs() <= 0.02, "{v}");
     assert!(f(&v, "generations") <= 20.0);
+}
+
+#[cfg(feature = "llm")]
+#[tokio::test]
+async fn prompt_qa_explains_itself_without_an_endpoint() {
+    let v = prompt_qa::run_with(None).await.unwrap();
+    assert_eq!(v["demo"], "prompt_qa");
+    assert_eq!(v["skipped"], "no endpoint configured");
+}
+
+#[cfg(feature = "llm")]
+#[tokio::test]
+async fn prompt_qa_runs_against_the_real_server() {
+    // LiteLLM's mock `mock-qa` always answers {"answer": "8"} (right for 2 of 12 questions);
+    // the meta model `mock-gpt` proposes its fixed text, which cannot score better.
+    let url = std::env::var("HYPERFUNC_LLM_URL")
+        .unwrap_or_else(|_| panic!("HYPERFUNC_LLM_URL is not set: run the suite with `ci/test`"));
+    let v = prompt_qa::run_with(Some(prompt_qa::Endpoint {
+        url,
+        key: "sk-hf-free".into(),
+        model: "mock-qa".into(),
+        meta_model: "mock-gpt".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(v["demo"], "prompt_qa");
+    let initial = f(&v, "initial_score");
+    assert!(initial < 0.5, "{v}");
+    assert_eq!(f(&v, "final_score"), initial, "{v}");
+    assert!(f(&v, "rejected") >= 1.0, "{v}");
+    assert_eq!(v["prompt"], "Answer the question.");
+    assert!(f(&v, "llm_requests") > 12.0, "{v}");
 }

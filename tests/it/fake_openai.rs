@@ -16,6 +16,14 @@ pub struct Fake {
 
 /// Serves `answer(request_json) -> text` on 127.0.0.1 (a free port) until the runtime ends.
 pub async fn serve(answer: impl Fn(&Json) -> String + Send + Sync + 'static) -> Fake {
+    serve_status(move |req| Ok(answer(req))).await
+}
+
+/// Like [`serve`], but `answer` may refuse with `Err((status, message))`, sent as an OpenAI
+/// error body.
+pub async fn serve_status(
+    answer: impl Fn(&Json) -> Result<String, (u16, String)> + Send + Sync + 'static,
+) -> Fake {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
@@ -54,19 +62,18 @@ pub async fn serve(answer: impl Fn(&Json) -> String + Send + Sync + 'static) -> 
                     }
                     count.fetch_add(1, Ordering::SeqCst);
                     let req: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
-                    let text = answer(&req);
-                    let out = json!({
-                        "id": "chatcmpl-fake",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": req["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-                    })
-                    .to_string();
+                    let (status, out) = match answer(&req) {
+                        Ok(text) => (200, reply(&req, &text)),
+                        Err((status, message)) => (
+                            status,
+                            json!({"error": {"message": message, "type": "invalid_request_error",
+                                             "param": null, "code": null}})
+                            .to_string(),
+                        ),
+                    };
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+                        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+                        if status == 200 { "OK" } else { "Error" },
                         out.len()
                     );
                     if wr.write_all(resp.as_bytes()).await.is_err() {
@@ -80,4 +87,17 @@ pub async fn serve(answer: impl Fn(&Json) -> String + Send + Sync + 'static) -> 
         base_url: format!("http://{addr}/v1"),
         requests,
     }
+}
+
+fn reply(req: &Json, text: &str) -> String {
+    json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": req["model"],
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    })
+    .to_string()
 }

@@ -5,6 +5,7 @@ mod common;
 mod demos;
 mod errors;
 mod es;
+mod eval;
 #[cfg(feature = "llm")]
 mod fake_openai;
 mod io;
@@ -15,4 +16,6 @@ mod observe;
 #[cfg(all(feature = "otlp", feature = "llm"))]
 mod otlp;
 mod population;
+#[cfg(all(feature = "llm", feature = "derive"))]
+mod prompt;
 mod system;
