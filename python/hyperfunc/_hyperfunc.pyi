@@ -125,7 +125,7 @@ class Theta:
     def load(path: str) -> "Theta": ...
     def bit_eq(self, other: "Theta") -> bool: ...
 
-Metric = Union[str, Callable[[Any, Any], float]]
+Metric = Union[str, "Scorer", Callable[[Any, Any], float]]
 
 class Report:
     @property
@@ -177,3 +177,87 @@ def optimize(
     init: Optional[Theta] = None,
 ) -> Report: ...
 def set_threads(n: int) -> None: ...
+
+class LlmClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Optional[str] = None,
+        *,
+        requests_per_minute: Optional[int] = None,
+        tokens_per_minute: Optional[int] = None,
+        max_requests: Optional[int] = None,
+        max_cost_usd: Optional[float] = None,
+        cache_path: Optional[str] = None,
+        cache: bool = True,
+    ) -> None: ...
+    @staticmethod
+    def from_env() -> "LlmClient": ...
+    def chat(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        system: Optional[str] = None,
+        temperature: Optional[float] = None,
+    ) -> str: ...
+    def stats(self) -> Dict[str, Any]: ...
+
+def llm(
+    name: str,
+    client: LlmClient,
+    model: str,
+    prompt: Optional[str] = None,
+    *,
+    learn: bool = True,
+    json: bool = False,
+) -> HyperFn: ...
+
+Field = Union[str, Tuple[str, str], Tuple[str, str, str]]
+
+class Signature:
+    def __init__(self, instruction: str, inputs: Sequence[Field], outputs: Sequence[Field]) -> None: ...
+    @property
+    def instruction(self) -> str: ...
+    def render_system(self, instruction: str) -> str: ...
+    def render_user(self, input: Any) -> str: ...
+
+def predict(
+    name: str,
+    client: LlmClient,
+    model: str,
+    signature: Signature,
+    *,
+    learn_prompt: bool = True,
+    learn_params: bool = True,
+) -> HyperFn: ...
+
+class Scorer:
+    @staticmethod
+    def exact_match(*, case_sensitive: bool = False, strip: bool = True) -> "Scorer": ...
+    @staticmethod
+    def numeric_distance(*, tolerance: float = 1e-6, max_distance: float = 1.0) -> "Scorer": ...
+    @staticmethod
+    def classification(labels: Sequence[str]) -> "Scorer": ...
+    @staticmethod
+    def contains(*, case_sensitive: bool = False) -> "Scorer": ...
+    @staticmethod
+    def regex(pattern: str, *, full_match: bool = False) -> "Scorer": ...
+    @staticmethod
+    def judge(client: LlmClient, model: str, criteria: Optional[str] = None) -> "Scorer": ...
+    def score(self, pred: Any, expected: Any, input: Any = None) -> Tuple[float, str]: ...
+    @property
+    def name(self) -> str: ...
+
+def optimize_prompts(
+    system: Any,
+    theta: Theta,
+    examples: Examples,
+    scorer: Scorer,
+    client: LlmClient,
+    model: str,
+    *,
+    max_iterations: int = 5,
+    validation: Optional[float] = 0.3,
+    seed: int = 0,
+) -> Tuple[Theta, Dict[str, Any]]: ...

@@ -991,6 +991,9 @@ fn metric_of(m: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Metric>> {
             }
         });
     }
+    if let Ok(s) = m.extract::<PyScorer>() {
+        return Ok(Arc::new(eval::metric(s.0)));
+    }
     if m.is_callable() {
         return Ok(Arc::new(PyMetric(m.clone().unbind())));
     }
@@ -1013,6 +1016,359 @@ impl Metric for Shared {
     ) -> BoxFuture<'a, hyperfunc::Result<Vec<f32>>> {
         self.0.score_async(batch)
     }
+}
+
+// ---------------------------------------------------------------- LLM path and prompt learning
+
+use hyperfunc::eval::{self, Scorer};
+use hyperfunc::llm::{Budget, ChatRequest, LlmClient, LlmConfig, LlmError, LlmOptions};
+use hyperfunc::prompt::{
+    FieldType, Predict, PromptLearningOptimizer, PromptOptimizer, Signature, Validation,
+};
+
+fn llm_err(e: LlmError) -> PyErr {
+    if matches!(e, LlmError::Config(_) | LlmError::InvalidRequest(_)) {
+        ConfigError::new_err(e.to_string())
+    } else {
+        CallError::new_err(e.to_string())
+    }
+}
+
+/// An OpenAI-compatible client: rate-limited, retrying, cached, with usage and cost accounting.
+#[pyclass(name = "LlmClient", module = "hyperfunc", frozen, from_py_object)]
+#[derive(Clone)]
+struct PyLlm(LlmClient);
+
+#[pymethods]
+impl PyLlm {
+    #[new]
+    #[pyo3(signature = (base_url, api_key=None, *, requests_per_minute=None, tokens_per_minute=None,
+                        max_requests=None, max_cost_usd=None, cache_path=None, cache=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        base_url: &str,
+        api_key: Option<&str>,
+        requests_per_minute: Option<u32>,
+        tokens_per_minute: Option<u32>,
+        max_requests: Option<u64>,
+        max_cost_usd: Option<f64>,
+        cache_path: Option<String>,
+        cache: bool,
+    ) -> PyResult<Self> {
+        let mut cfg = LlmConfig::new(base_url);
+        if let Some(k) = api_key {
+            cfg = cfg.api_key(k);
+        }
+        if let Some(r) = requests_per_minute {
+            cfg = cfg.rpm(r);
+        }
+        if let Some(t) = tokens_per_minute {
+            cfg = cfg.tpm(t);
+        }
+        if let Some(p) = cache_path {
+            cfg = cfg.cache(p);
+        }
+        cfg.no_cache = !cache;
+        cfg = cfg.budget(Budget {
+            max_requests,
+            max_cost_usd,
+        });
+        LlmClient::new(cfg).map(Self).map_err(llm_err)
+    }
+
+    /// A client from `OPENAI_BASE_URL`, `OPENAI_API_KEY` and the `HYPERFUNC_LLM_*` variables.
+    #[staticmethod]
+    fn from_env() -> PyResult<Self> {
+        LlmConfig::from_env()
+            .and_then(LlmClient::new)
+            .map(Self)
+            .map_err(llm_err)
+    }
+
+    /// One chat completion (the GIL is released while it runs); returns the text.
+    #[pyo3(signature = (model, prompt, *, system=None, temperature=None))]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        prompt: &str,
+        system: Option<&str>,
+        temperature: Option<f32>,
+    ) -> PyResult<String> {
+        let mut req = ChatRequest::new(model);
+        if let Some(s) = system {
+            req = req.system(s);
+        }
+        req = req.user(prompt);
+        if let Some(t) = temperature {
+            req = req.temperature(t);
+        }
+        let c = self.0.clone();
+        let handle = runtime().spawn(async move { c.chat(req).await });
+        match py.detach(|| runtime().block_on(handle)) {
+            Ok(r) => r.map(|r| r.text).map_err(llm_err),
+            Err(e) => Err(HyperfuncError::new_err(e.to_string())),
+        }
+    }
+
+    /// Everything the client counted (calls, requests, cache hits, retries, tokens, cost), as a
+    /// dict with `total`, `by_model` and `by_label`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = serde_json::to_value(self.0.stats())
+            .map_err(|e| HyperfuncError::new_err(e.to_string()))?;
+        from_json(py, &v)
+    }
+}
+
+/// An LLM hyperfunction: one chat completion per candidate × example; θ is `LmParams` (unless
+/// `learn=False`), the prompt is the system message.
+#[pyfunction]
+#[pyo3(signature = (name, client, model, prompt=None, *, learn=true, json=false))]
+fn llm(
+    name: &str,
+    client: PyLlm,
+    model: &str,
+    prompt: Option<String>,
+    learn: bool,
+    json: bool,
+) -> PyFn {
+    let mut opts = LlmOptions::new(model);
+    opts.learn = learn;
+    opts.json = json;
+    let f = HyperFn::llm_with(name, &client.0, opts);
+    PyFn(match prompt {
+        Some(p) => f.prompt(p),
+        None => f,
+    })
+}
+
+fn field_type(name: &str) -> PyResult<FieldType> {
+    Ok(match name {
+        "text" | "str" => FieldType::Text,
+        "number" | "float" => FieldType::Number,
+        "integer" | "int" => FieldType::Integer,
+        "bool" | "boolean" => FieldType::Bool,
+        "list" => FieldType::List,
+        "json" => FieldType::Json,
+        other => {
+            return Err(ConfigError::new_err(format!(
+                "field type {other:?} is unknown: use text, number, integer, bool, list or json"
+            )))
+        }
+    })
+}
+
+/// A field: `name`, `(name, description)` or `(name, description, type)`.
+fn fields(items: &[Bound<'_, PyAny>]) -> PyResult<Vec<(String, String, FieldType)>> {
+    items
+        .iter()
+        .map(|it| {
+            if let Ok(n) = it.extract::<String>() {
+                return Ok((n, String::new(), FieldType::Text));
+            }
+            if let Ok((n, d)) = it.extract::<(String, String)>() {
+                return Ok((n, d, FieldType::Text));
+            }
+            let (n, d, t) = it.extract::<(String, String, String)>().map_err(|_| {
+                PyTypeError::new_err(
+                    "a field is a name, (name, description) or (name, description, type)",
+                )
+            })?;
+            Ok((n, d, field_type(&t)?))
+        })
+        .collect()
+}
+
+/// A task: an instruction plus ordered input and output fields.
+#[pyclass(name = "Signature", module = "hyperfunc", frozen, from_py_object)]
+#[derive(Clone)]
+struct PySignature(Signature);
+
+#[pymethods]
+impl PySignature {
+    #[new]
+    #[pyo3(signature = (instruction, inputs, outputs))]
+    fn new(
+        instruction: &str,
+        inputs: Vec<Bound<'_, PyAny>>,
+        outputs: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let mut s = Signature::new(instruction);
+        for (n, d, t) in fields(&inputs)? {
+            s = s.input_typed(&n, &d, t);
+        }
+        for (n, d, t) in fields(&outputs)? {
+            s = s.output_typed(&n, &d, t);
+        }
+        s.validate().map_err(to_py)?;
+        Ok(Self(s))
+    }
+
+    #[getter]
+    fn instruction(&self) -> String {
+        self.0.instruction().to_string()
+    }
+
+    /// The system message for an instruction (deterministic).
+    fn render_system(&self, instruction: &str) -> String {
+        self.0.render_system(instruction)
+    }
+
+    /// The user message for one input.
+    fn render_user(&self, input: &Bound<'_, PyAny>) -> PyResult<String> {
+        self.0.render_user(&to_json(input)?).map_err(to_py)
+    }
+}
+
+/// A `Predict` hyperfunction: answers a signature; outputs are dicts of the output fields.
+#[pyfunction]
+#[pyo3(signature = (name, client, model, signature, *, learn_prompt=true, learn_params=true))]
+fn predict(
+    name: &str,
+    client: PyLlm,
+    model: &str,
+    signature: PySignature,
+    learn_prompt: bool,
+    learn_params: bool,
+) -> PyResult<PyFn> {
+    Predict::new(signature.0, model)
+        .learn_prompt(learn_prompt)
+        .learn_params(learn_params)
+        .build(name, &client.0)
+        .map(PyFn)
+        .map_err(to_py)
+}
+
+/// A built-in scorer (score in [0, 1] with feedback); usable as a metric (the mean score).
+#[pyclass(name = "Scorer", module = "hyperfunc", frozen, from_py_object)]
+#[derive(Clone)]
+struct PyScorer(Arc<dyn Scorer>);
+
+#[pymethods]
+impl PyScorer {
+    /// Exact match (case-insensitive and stripped by default).
+    #[staticmethod]
+    #[pyo3(signature = (*, case_sensitive=false, strip=true))]
+    fn exact_match(case_sensitive: bool, strip: bool) -> Self {
+        Self(Arc::new(
+            eval::ExactMatch::new()
+                .case_sensitive(case_sensitive)
+                .strip(strip),
+        ))
+    }
+
+    /// 1 within `tolerance`, falling linearly to 0 at `max_distance`.
+    #[staticmethod]
+    #[pyo3(signature = (*, tolerance=1e-6, max_distance=1.0))]
+    fn numeric_distance(tolerance: f64, max_distance: f64) -> Self {
+        Self(Arc::new(
+            eval::NumericDistance::new()
+                .tolerance(tolerance)
+                .max_distance(max_distance),
+        ))
+    }
+
+    /// The prediction must be one of `labels` and equal the target.
+    #[staticmethod]
+    fn classification(labels: Vec<String>) -> Self {
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        Self(Arc::new(eval::ClassificationAccuracy::new(&l)))
+    }
+
+    /// The target text (or each of a list) must appear in the prediction.
+    #[staticmethod]
+    #[pyo3(signature = (*, case_sensitive=false))]
+    fn contains(case_sensitive: bool) -> Self {
+        Self(Arc::new(
+            eval::ContainsMatch::new().case_sensitive(case_sensitive),
+        ))
+    }
+
+    /// The prediction must match `pattern` (an invalid pattern scores 0, saying why).
+    #[staticmethod]
+    #[pyo3(signature = (pattern, *, full_match=false))]
+    fn regex(pattern: &str, full_match: bool) -> Self {
+        Self(Arc::new(
+            eval::RegexMatch::new(pattern).full_match(full_match),
+        ))
+    }
+
+    /// An LLM judge on a 1–10 scale (temperature 0).
+    #[staticmethod]
+    #[pyo3(signature = (client, model, criteria=None))]
+    fn judge(client: PyLlm, model: &str, criteria: Option<String>) -> Self {
+        let j = eval::LlmJudge::new(&client.0, model);
+        Self(Arc::new(match criteria {
+            Some(c) => j.criteria(c),
+            None => j,
+        }))
+    }
+
+    /// Scores one prediction: `(score, feedback)`.
+    #[pyo3(signature = (pred, expected, input=None))]
+    fn score(
+        &self,
+        py: Python<'_>,
+        pred: &Bound<'_, PyAny>,
+        expected: &Bound<'_, PyAny>,
+        input: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(f32, String)> {
+        let (p, e) = (to_json(pred)?, to_json(expected)?);
+        let i = input.map(to_json).transpose()?.unwrap_or(Json::Null);
+        let s = self.0.clone();
+        block(py, async move {
+            let r = eval::score_all(&*s, &[i], &[p], &[e]).await?;
+            Ok(r.into_iter()
+                .next()
+                .map(|r| (r.score, r.feedback))
+                .unwrap_or_default())
+        })
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.0.name().to_string()
+    }
+}
+
+/// Improves the learnable prompts of `theta` by meta-prompting with `model`, keeping a rewrite
+/// only if the held-out score (`validation`: a fraction, or None for train-only) improves.
+/// Returns `(theta, report)` with the report as a dict.
+#[pyfunction]
+#[pyo3(signature = (system, theta, examples, scorer, client, model, *, max_iterations=5,
+                    validation=Some(0.3), seed=0))]
+#[allow(clippy::too_many_arguments)]
+fn optimize_prompts<'py>(
+    py: Python<'py>,
+    system: &Bound<'py, PyAny>,
+    theta: PyTheta,
+    examples: PyExamples,
+    scorer: PyScorer,
+    client: PyLlm,
+    model: &str,
+    max_iterations: usize,
+    validation: Option<f64>,
+    seed: u64,
+) -> PyResult<(PyTheta, Bound<'py, PyAny>)> {
+    let sys = self::system(system)?;
+    let opt = PromptLearningOptimizer::new(&client.0, model)
+        .max_iterations(max_iterations)
+        .validation(match validation {
+            Some(f) => Validation::Split(f),
+            None => Validation::TrainOnly,
+        })
+        .seed(seed);
+    let (t, v) = block(py, async move {
+        let r = opt
+            .optimize_prompts(&sys, &theta.0, &examples.0, &*scorer.0)
+            .await?;
+        let v = serde_json::to_value(&r).map_err(|e| Error::InvalidConfig {
+            field: "report".into(),
+            reason: e.to_string(),
+        })?;
+        Ok((r.theta, v))
+    })?;
+    Ok((PyTheta(t), from_json(py, &v)?))
 }
 
 // ---------------------------------------------------------------- evaluate and optimize
@@ -1229,6 +1585,12 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(evaluate_population, m)?)?;
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
+    m.add_class::<PyLlm>()?;
+    m.add_class::<PySignature>()?;
+    m.add_class::<PyScorer>()?;
+    m.add_function(wrap_pyfunction!(llm, m)?)?;
+    m.add_function(wrap_pyfunction!(predict, m)?)?;
+    m.add_function(wrap_pyfunction!(optimize_prompts, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
