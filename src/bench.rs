@@ -185,6 +185,9 @@ pub struct Machine {
     pub threads: usize,
     /// Whether the CPU has AVX-512F (detected at run time).
     pub avx512: bool,
+    /// The SIMD level of the fused kernels (`avx512`, `avx2` or `portable`; `HYPERFUNC_SIMD`
+    /// caps it).
+    pub simd: &'static str,
     /// hyperfunc version.
     pub version: &'static str,
 }
@@ -278,11 +281,20 @@ pub fn machine() -> Machine {
     let avx512 = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let avx512 = false;
+    #[cfg(target_arch = "x86_64")]
+    let simd = match crate::kernels::simd_level() {
+        crate::kernels::Simd::Avx512 => "avx512",
+        crate::kernels::Simd::Avx2 => "avx2",
+        crate::kernels::Simd::Portable => "portable",
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = "portable";
     Machine {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model,
         threads: candle_core::utils::get_num_threads(),
         avx512,
+        simd,
         version: env!("CARGO_PKG_VERSION"),
     }
 }
@@ -514,8 +526,8 @@ pub fn render(r: &BenchReport) -> String {
     let mut s = String::new();
     let m = &r.machine;
     s.push_str(&format!(
-        "machine: {} ({} cores, {} threads, avx512: {})\npeak fp32 matmul: {:.1} GFLOP/s\n\n",
-        m.cpu_model, m.cores, m.threads, m.avx512, r.peak_gflops
+        "machine: {} ({} cores, {} threads, avx512: {}, fused kernels: {})\npeak fp32 matmul: {:.1} GFLOP/s\n\n",
+        m.cpu_model, m.cores, m.threads, m.avx512, m.simd, r.peak_gflops
     ));
     s.push_str("Task A  linear classifier by ES (pop 256, 100 gens)\n");
     s.push_str("  noise   ms/gen   train acc  test acc  train CE\n");

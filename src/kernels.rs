@@ -218,29 +218,68 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// Whether the CPU has AVX2 and FMA (checked once; the detection macro caches it).
+/// The widest SIMD level the fused kernels use: `HYPERFUNC_SIMD=avx2|portable` caps it (to
+/// compare levels with one binary); otherwise the best the CPU has.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    Portable,
+    Avx2,
+    Avx512,
 }
 
-/// Defines `$name`, which runs `$inline` compiled for AVX2 + FMA when the CPU has them, and the
-/// portable build of the same code otherwise.
+/// The SIMD level in use (decided once per process).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn simd_level() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        let avx512 = avx2
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        let best = if avx512 {
+            Simd::Avx512
+        } else if avx2 {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        };
+        let cap = match std::env::var("HYPERFUNC_SIMD").as_deref() {
+            Ok("portable") => Simd::Portable,
+            Ok("avx2") => Simd::Avx2,
+            _ => Simd::Avx512,
+        };
+        best.min(cap)
+    })
+}
+
+/// Defines `$name`, which runs `$inline` compiled for AVX-512 or AVX2 + FMA when the CPU has
+/// them ([`simd_level`]), and the portable build of the same code otherwise.
 macro_rules! simd_dispatch {
     ($(#[$doc:meta])* fn $name:ident / $fast:ident ($($arg:ident: $ty:ty),*) -> $ret:ty = $inline:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $fast($($arg: $ty),*) -> $ret {
-            $inline($($arg),*)
-        }
-
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: a #[target_feature] function may only run on a CPU with those
-                // features; `has_avx2()` has just checked AVX2 and FMA at run time.
-                return unsafe { $fast($($arg),*) };
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn wide($($arg: $ty),*) -> $ret {
+                    $inline($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn $fast($($arg: $ty),*) -> $ret {
+                    $inline($($arg),*)
+                }
+                match simd_level() {
+                    // SAFETY: a #[target_feature] function may only run on a CPU with those
+                    // features; `simd_level()` detected every one of them at run time.
+                    Simd::Avx512 => return unsafe { wide($($arg),*) },
+                    // SAFETY: as above, for AVX2 and FMA.
+                    Simd::Avx2 => return unsafe { $fast($($arg),*) },
+                    Simd::Portable => {}
+                }
             }
             $inline($($arg),*)
         }

@@ -14,7 +14,7 @@ use crate::eval::{score_all, ScoreResult, Scorer};
 use crate::function::Json;
 use crate::llm::{ChatRequest, LlmClient, LlmError};
 use crate::metric::{Batch, Metric};
-use crate::observe::Hub;
+use crate::observe::{Hub, Record, RecordKind, Status};
 use crate::population::{evaluate_population, evaluate_population_observed, Population};
 use crate::system::HyperSystem;
 use crate::theta::{Registry, Theta};
@@ -417,14 +417,61 @@ impl PromptLearningOptimizer {
         s
     }
 
-    async fn propose(&self, meta: String) -> std::result::Result<Option<String>, LlmError> {
+    /// Asks the meta-prompt model; with a hub, the call is recorded under `parent` with the
+    /// GenAI attributes (model, tokens, cost) and the function and round it was for.
+    async fn propose(
+        &self,
+        meta: String,
+        parent: Option<u64>,
+        function: &str,
+        iteration: usize,
+    ) -> std::result::Result<Option<String>, LlmError> {
         let req = ChatRequest::new(&self.model)
             .label("prompt_learning")
             .system(META_SYSTEM)
             .user(meta)
             .temperature(self.temperature);
-        let resp = self.client.chat(req).await?;
-        Ok(extract_instruction(&resp.text))
+        let (id, start) = self
+            .hub
+            .as_ref()
+            .map_or((0, 0), |h| (h.next_id(), h.now_ns()));
+        let out = self.client.chat(req).await;
+        if let Some(hub) = &self.hub {
+            let mut rec = Record::span(
+                id,
+                parent,
+                "prompt_learning.propose",
+                RecordKind::Io,
+                start,
+                hub.now_ns(),
+            );
+            rec.attributes = vec![
+                ("gen_ai.operation.name".into(), "chat".into()),
+                ("gen_ai.request.model".into(), self.model.as_str().into()),
+                ("hyperfunc.function".into(), function.into()),
+                ("hyperfunc.iteration".into(), iteration.into()),
+            ];
+            match &out {
+                Ok(r) => rec.attributes.extend([
+                    (
+                        "gen_ai.usage.input_tokens".into(),
+                        r.usage.input_tokens.into(),
+                    ),
+                    (
+                        "gen_ai.usage.output_tokens".into(),
+                        r.usage.output_tokens.into(),
+                    ),
+                    ("cost".into(), r.cost_usd.into()),
+                ]),
+                Err(e) => {
+                    rec.status = Status::Error;
+                    rec.error_type = Some(e.error_type());
+                    rec.error_message = Some(e.to_string());
+                }
+            }
+            hub.push(rec);
+        }
+        Ok(extract_instruction(&out?.text))
     }
 
     async fn run<S: HyperSystem>(
@@ -436,6 +483,7 @@ impl PromptLearningOptimizer {
     ) -> Result<PromptReport> {
         self.validate()?;
         let start = Instant::now();
+        let run_span = self.hub.as_ref().map(|h| (h.next_id(), h.now_ns()));
         let reg = Registry::of(sys)?;
         let (train, judge, judged_on) = match &self.validation {
             Validation::Split(f) => {
@@ -512,7 +560,10 @@ impl PromptLearningOptimizer {
                     &rejected,
                 );
                 meta_calls += 1;
-                let proposal = match self.propose(meta).await {
+                let proposal = match self
+                    .propose(meta, run_span.map(|(id, _)| id), name, it)
+                    .await
+                {
                     Ok(p) => p,
                     Err(e @ (LlmError::RequestBudget { .. } | LlmError::CostBudget { .. })) => {
                         stop = PromptStop::Budget(e.to_string());
@@ -567,6 +618,38 @@ impl PromptLearningOptimizer {
                 }
                 history.push(cand);
             }
+        }
+        if let (Some(hub), Some((id, t0))) = (&self.hub, run_span) {
+            let mut rec = Record::span(
+                id,
+                hub.session(),
+                "prompt_learning",
+                RecordKind::Run,
+                t0,
+                hub.now_ns(),
+            );
+            rec.attributes = vec![
+                (
+                    "prompt_learning.initial_score".into(),
+                    f64::from(initial).into(),
+                ),
+                (
+                    "prompt_learning.final_score".into(),
+                    f64::from(current).into(),
+                ),
+                ("prompt_learning.iterations".into(), iterations.into()),
+                ("prompt_learning.meta_calls".into(), meta_calls.into()),
+                ("prompt_learning.judged_on".into(), judged_on.into()),
+                (
+                    "prompt_learning.accepted".into(),
+                    history
+                        .iter()
+                        .filter(|c| c.accepted && c.iteration > 0)
+                        .count()
+                        .into(),
+                ),
+            ];
+            hub.push(rec);
         }
         Ok(PromptReport {
             theta,

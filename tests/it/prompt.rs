@@ -156,13 +156,32 @@ async fn prompt_learning_lifts_the_metric_to_one_through_accepted_rewrites() {
     let sys = qa_system(&client);
     let data = capitals(0..10);
     let theta = Theta::init(&sys, 0, &candle_core::Device::Cpu).unwrap();
+    let hub = Hub::new();
     let report = PromptLearningOptimizer::new(&client, "scripted")
         .max_iterations(5)
         .validation(Validation::Split(0.3))
         .seed(1)
+        .hub(hub.clone())
         .optimize_prompts(&sys, &theta, &data, &ExactMatch::new())
         .await
         .unwrap();
+    // The run and every meta-prompt call are recorded, the calls under the run.
+    let records = hub.records();
+    let run = records
+        .iter()
+        .find(|r| &*r.name == "prompt_learning")
+        .expect("a prompt_learning record");
+    assert_eq!(
+        run.attribute("prompt_learning.final_score"),
+        Some(&json!(1.0))
+    );
+    let proposes: Vec<_> = records
+        .iter()
+        .filter(|r| &*r.name == "prompt_learning.propose")
+        .collect();
+    assert_eq!(proposes.len(), 2);
+    assert!(proposes.iter().all(|r| r.parent == Some(run.id)
+        && r.attribute("gen_ai.request.model") == Some(&json!("scripted"))));
     assert!(report.initial_score < 0.5, "{}", report.to_markdown());
     assert_eq!(report.final_score, 1.0, "{}", report.to_markdown());
     assert_eq!(report.judged_on, "validation");
