@@ -1336,7 +1336,7 @@ impl PyScorer {
 /// Returns `(theta, report)` with the report as a dict.
 #[pyfunction]
 #[pyo3(signature = (system, theta, examples, scorer, client, model, *, max_iterations=5,
-                    validation=Some(0.3), seed=0))]
+                    validation=Some(0.3), seed=0, hub=None))]
 #[allow(clippy::too_many_arguments)]
 fn optimize_prompts<'py>(
     py: Python<'py>,
@@ -1349,15 +1349,19 @@ fn optimize_prompts<'py>(
     max_iterations: usize,
     validation: Option<f64>,
     seed: u64,
+    hub: Option<PyHub>,
 ) -> PyResult<(PyTheta, Bound<'py, PyAny>)> {
     let sys = self::system(system)?;
-    let opt = PromptLearningOptimizer::new(&client.0, model)
+    let mut opt = PromptLearningOptimizer::new(&client.0, model)
         .max_iterations(max_iterations)
         .validation(match validation {
             Some(f) => Validation::Split(f),
             None => Validation::TrainOnly,
         })
         .seed(seed);
+    if let Some(h) = hub {
+        opt = opt.hub(h.0);
+    }
     let (t, v) = block(py, async move {
         let r = opt
             .optimize_prompts(&sys, &theta.0, &examples.0, &*scorer.0)
@@ -1369,6 +1373,49 @@ fn optimize_prompts<'py>(
         Ok((r.theta, v))
     })?;
     Ok((PyTheta(t), from_json(py, &v)?))
+}
+
+// ---------------------------------------------------------------- observability
+
+/// Collects one record per call (tensor forward, async call, LLM call), per generation and per
+/// run; summaries and JSON export.
+#[pyclass(name = "Hub", module = "hyperfunc", frozen, from_py_object)]
+#[derive(Clone)]
+struct PyHub(hyperfunc::Hub);
+
+#[pymethods]
+impl PyHub {
+    #[new]
+    fn new() -> Self {
+        Self(hyperfunc::Hub::new())
+    }
+
+    /// Every kept record as a dict (name, kind, parent, times, status, attributes, …).
+    fn records<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        from_json(py, &self.0.to_json())
+    }
+
+    /// Per-function counts, error rates and latency percentiles, tokens and cost.
+    fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = serde_json::to_value(self.0.summary())
+            .map_err(|e| HyperfuncError::new_err(e.to_string()))?;
+        from_json(py, &v)
+    }
+
+    /// The summary as a Markdown table.
+    fn summary_markdown(&self) -> String {
+        self.0.summary().to_markdown()
+    }
+
+    /// Writes the records to `path`, one JSON object per line.
+    fn write_jsonl(&self, path: &str) -> PyResult<()> {
+        self.0.write_jsonl(path).map_err(to_py)
+    }
+
+    /// Number of records kept.
+    fn __len__(&self) -> usize {
+        self.0.records().len()
+    }
 }
 
 // ---------------------------------------------------------------- evaluate and optimize
@@ -1481,7 +1528,7 @@ impl PyReport {
     system, examples, metric, *, pop_size=64, sigma=0.1, lr=0.05, generations=100, seed=0,
     minimize=false, antithetic=true, patience=None, target=None, weight_decay=0.0,
     optimizer="adam", momentum=0.9, max_batch_size=262_144, max_failure_rate=1.0,
-    progress=true, init=None
+    progress=true, init=None, hub=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -1505,6 +1552,7 @@ fn optimize(
     max_failure_rate: f64,
     progress: bool,
     init: Option<PyTheta>,
+    hub: Option<PyHub>,
 ) -> PyResult<PyReport> {
     let (sys, m) = (self::system(system)?, Shared(metric_of(metric)?));
     let mut es = Es::default()
@@ -1541,6 +1589,9 @@ fn optimize(
     }
     if let Some(t) = init {
         es = es.init(t.0);
+    }
+    if let Some(h) = hub {
+        es = es.hub(h.0);
     }
     es.validate().map_err(to_py)?;
     let r = block(py, async move { es.optimize(&sys, &examples.0, &m).await })?;
@@ -1585,6 +1636,7 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(evaluate_population, m)?)?;
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
+    m.add_class::<PyHub>()?;
     m.add_class::<PyLlm>()?;
     m.add_class::<PySignature>()?;
     m.add_class::<PyScorer>()?;

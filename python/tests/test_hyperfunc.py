@@ -302,3 +302,20 @@ def test_the_readme_xor_example_runs_and_solves_xor(capsys):
     out = capsys.readouterr().out.split()
     assert out[:2] == ["accuracy", "1.0"]
     assert float(out[3]) < 0.05
+
+
+def test_a_hub_records_the_run_its_generations_and_every_call(tmp_path):
+    net = hf.Chain([hf.Linear("l", 2, 1, "sigmoid")])
+    hub = hf.Hub()
+    hf.optimize(net, hf.Examples(XOR_X, XOR_Y), "bce", pop_size=8, generations=3,
+                minimize=True, progress=False, hub=hub)
+    records = hub.records()
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("run") == 1 and kinds.count("generation") == 3
+    assert any(r["name"] == "l" and r["kind"] == "tensor" for r in records)
+    functions = {f["name"]: f for f in hub.summary()["functions"]}
+    assert functions["l"]["calls"] >= 3
+    assert "| l |" in hub.summary_markdown()
+    path = tmp_path / "trace.jsonl"
+    hub.write_jsonl(str(path))
+    assert len(path.read_text().splitlines()) == len(hub)
