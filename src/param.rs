@@ -388,7 +388,12 @@ impl Default for LmParams {
 impl LmParams {
     /// The [`ParamSpec`] of the five knobs, starting at the defaults.
     pub fn spec() -> ParamSpec {
-        let d = Self::default();
+        Self::default().spec_at()
+    }
+
+    /// The [`ParamSpec`] of the five knobs, starting at these values.
+    pub fn spec_at(&self) -> ParamSpec {
+        let d = self;
         ParamSpec::vector(5)
             .bounds_per_element(
                 vec![0.0, 0.0, -2.0, -2.0, 0.0],

@@ -305,11 +305,8 @@ struct PyLmParams {
     max_tokens_frac: f32,
 }
 
-#[pymethods]
-impl PyLmParams {
-    #[new]
-    fn new() -> Self {
-        let p = LmParams::default();
+impl From<LmParams> for PyLmParams {
+    fn from(p: LmParams) -> Self {
         Self {
             temperature: p.temperature,
             top_p: p.top_p,
@@ -317,6 +314,14 @@ impl PyLmParams {
             frequency_penalty: p.frequency_penalty,
             max_tokens_frac: p.max_tokens_frac,
         }
+    }
+}
+
+#[pymethods]
+impl PyLmParams {
+    #[new]
+    fn new() -> Self {
+        LmParams::default().into()
     }
 
     /// The parameter spec of the five knobs (bounded, starting at the defaults).
@@ -328,14 +333,7 @@ impl PyLmParams {
     /// Reads the decoded values an async hyperfunction receives.
     #[staticmethod]
     fn from_values(values: Vec<f32>) -> PyResult<Self> {
-        let p = LmParams::from_slice(&values).map_err(to_py)?;
-        Ok(Self {
-            temperature: p.temperature,
-            top_p: p.top_p,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            max_tokens_frac: p.max_tokens_frac,
-        })
+        LmParams::from_slice(&values).map(Self::from).map_err(to_py)
     }
 
     fn __repr__(&self) -> String {

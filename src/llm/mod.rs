@@ -1196,16 +1196,7 @@ impl HyperFn {
     /// [`HyperFn::llm`] with every option.
     pub fn llm_with(name: &str, client: &LlmClient, opts: LlmOptions) -> Self {
         let model_max = client.model(&opts.model).max_output_tokens;
-        let spec = opts.learn.then(|| {
-            let p = opts.params;
-            LmParams::spec().values(vec![
-                p.temperature,
-                p.top_p,
-                p.presence_penalty,
-                p.frequency_penalty,
-                p.max_tokens_frac,
-            ])
-        });
+        let spec = opts.learn.then(|| opts.params.spec_at());
         let (client, opts, label) = (client.clone(), Arc::new(opts), Arc::<str>::from(name));
         Self::io(name, spec, move |input: Json, params: IoParams| {
             let (client, opts, label) = (client.clone(), opts.clone(), label.clone());

@@ -106,16 +106,7 @@ impl Predict {
     pub fn build(self, name: &str, client: &LlmClient) -> Result<HyperFn> {
         self.signature.validate()?;
         let model_max = client.model(&self.model).max_output_tokens;
-        let spec = self.learn_params.then(|| {
-            let p = self.params;
-            LmParams::spec().values(vec![
-                p.temperature,
-                p.top_p,
-                p.presence_penalty,
-                p.frequency_penalty,
-                p.max_tokens_frac,
-            ])
-        });
+        let spec = self.learn_params.then(|| self.params.spec_at());
         let instruction = self.signature.instruction().to_string();
         let sig = self.signature.clone();
         let learn_prompt = self.learn_prompt;
