@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Real peers for the tests: an OpenAI-compatible server (LiteLLM proxy with mock models) and two
-# OTLP receivers (Arize Phoenix, queryable over REST; Rotel, which prints every span it gets).
-#   ci/peers.sh install   # venvs under $HYPERFUNC_PEERS (default ~/.hyperfunc-peers), pinned versions
+# Real peers for the tests: an OpenAI-compatible server (LiteLLM proxy with mock models), two
+# OTLP receivers (Arize Phoenix, queryable over REST; Rotel, which prints every span it gets) and
+# PostgreSQL (for `hyperfunc::memory`, feature `postgres`).
+#   ci/peers.sh install   # venvs under $HYPERFUNC_PEERS (default ~/.hyperfunc-peers), pinned versions;
+#                         # PostgreSQL from apt when /usr/lib/postgresql/*/bin/initdb is missing
 #   ci/peers.sh start     # starts the servers on 127.0.0.1, waits until they answer, prints env
 #   ci/peers.sh stop      # stops what `start` started, by pid
 set -euo pipefail
@@ -15,6 +17,7 @@ PHOENIX_HTTP_PORT=6006    # REST API and OTLP/HTTP (protobuf) at /v1/traces
 PHOENIX_GRPC_PORT=4317    # OTLP/gRPC
 ROTEL_GRPC_PORT=14317
 ROTEL_HTTP_PORT=14318
+PG_PORT="${HYPERFUNC_PG_PORT:-54329}"
 mkdir -p "$PEERS"
 
 install() {
@@ -34,6 +37,76 @@ install() {
   if [ ! -d "$PEERS/venv-rotel" ]; then
     "$uv" venv -q "$PEERS/venv-rotel"
     "$uv" pip install -q -p "$PEERS/venv-rotel/bin/python" "rotel==$ROTEL_VERSION"
+  fi
+  if [ -z "$(pg_bin)" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q postgresql >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
+  fi
+}
+
+# PostgreSQL: the newest installed server's bin directory (empty when none is installed).
+pg_bin() {
+  local initdb
+  initdb="$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)"
+  [ -n "$initdb" ] && dirname "$initdb"
+}
+
+# Runs a PostgreSQL tool as the `postgres` OS user when we are root (initdb and the server refuse
+# root), from a directory that user can read.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+# The cluster's folder (data/, sock/, postgres.log), owned by the postgres user: $PEERS/pgdata,
+# unless that user cannot reach $PEERS (under a 0700 home, as root), then one in its own home.
+pg_home() {
+  if [ -n "${HYPERFUNC_PG_DIR:-}" ]; then echo "$HYPERFUNC_PG_DIR"
+  elif [ "$(id -u)" != 0 ] || as_pg test -x "$PEERS"; then echo "$PEERS/pgdata"
+  else echo "$(getent passwd postgres | cut -d: -f6)/hyperfunc-peers"; fi
+}
+
+start_postgres() {
+  local bin home
+  bin="$(pg_bin)"; home="$(pg_home)"
+  mkdir -p "$home/data" "$home/sock"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres:postgres "$home"; fi
+  chmod 700 "$home/data"
+  if [ ! -s "$home/data/PG_VERSION" ]; then
+    as_pg "$bin/initdb" -D "$home/data" -U postgres --auth-local=trust \
+      --auth-host=scram-sha-256 --no-sync >"$PEERS/postgres-init.log" 2>&1 \
+      || { echo "initdb failed; log follows" >&2; cat "$PEERS/postgres-init.log" >&2; return 1; }
+  fi
+  if as_pg "$bin/pg_ctl" -D "$home/data" status >/dev/null 2>&1; then
+    echo "postgres already running ($home)"
+  else
+    if "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then
+      echo "port $PG_PORT already answers: stop that server first" >&2; return 1
+    fi
+    as_pg "$bin/pg_ctl" -D "$home/data" -l "$home/postgres.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $home/sock -c fsync=off" start >/dev/null \
+      || { echo "postgres did not start; log follows" >&2; cat "$home/postgres.log" >&2; return 1; }
+  fi
+  for _ in $(seq 1 300); do "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" && break; sleep 0.1; done
+  "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" \
+    || { echo "postgres did not answer on $PG_PORT" >&2; cat "$home/postgres.log" >&2; return 1; }
+  local psql=(as_pg "$bin/psql" -h "$home/sock" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  if [ "$("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname = 'hyperfunc'")" != 1 ]; then
+    "${psql[@]}" -c "CREATE ROLE hyperfunc LOGIN PASSWORD 'hyperfunc'" >/dev/null
+  fi
+  if [ "$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = 'hyperfunc_test'")" != 1 ]; then
+    "${psql[@]}" -c "CREATE DATABASE hyperfunc_test OWNER hyperfunc" >/dev/null
+  fi
+  echo "postgres ready on 127.0.0.1:$PG_PORT"
+}
+
+stop_postgres() {
+  local bin home
+  bin="$(pg_bin)"; home="$(pg_home)"
+  [ -n "$bin" ] && [ -s "$home/data/PG_VERSION" ] || return 0
+  if as_pg "$bin/pg_ctl" -D "$home/data" status >/dev/null 2>&1; then
+    as_pg "$bin/pg_ctl" -D "$home/data" stop -m fast -w >/dev/null
+    echo "stopped postgres"
   fi
 }
 
@@ -91,12 +164,14 @@ start() {
   for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/$ROTEL_HTTP_PORT) 2>/dev/null && break; sleep 0.1; done
   (echo >/dev/tcp/127.0.0.1/$ROTEL_HTTP_PORT) 2>/dev/null || { echo "rotel did not start" >&2; cat "$PEERS/rotel.log" >&2; return 1; }
   echo "rotel ready on $ROTEL_GRPC_PORT/$ROTEL_HTTP_PORT"
+  start_postgres
   echo "export HYPERFUNC_LLM_URL=http://127.0.0.1:$LITELLM_PORT/v1"
   echo "export HYPERFUNC_PHOENIX_URL=http://127.0.0.1:$PHOENIX_HTTP_PORT"
   echo "export HYPERFUNC_PHOENIX_GRPC=http://127.0.0.1:$PHOENIX_GRPC_PORT"
   echo "export HYPERFUNC_ROTEL_GRPC=http://127.0.0.1:$ROTEL_GRPC_PORT"
   echo "export HYPERFUNC_ROTEL_HTTP=http://127.0.0.1:$ROTEL_HTTP_PORT"
   echo "export HYPERFUNC_ROTEL_LOG=$PEERS/rotel.log"
+  echo "export HYPERFUNC_PG_URL=postgres://hyperfunc:hyperfunc@127.0.0.1:$PG_PORT/hyperfunc_test"
 }
 
 stop() {
@@ -110,6 +185,7 @@ stop() {
       echo "stopped $name ($pid)"
     fi
   done
+  stop_postgres
 }
 
 case "${1:-}" in

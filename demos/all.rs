@@ -2,6 +2,10 @@
 
 #[path = "affine.rs"]
 mod affine;
+#[path = "chat_memory.rs"]
+mod chat_memory;
+#[path = "gridworld.rs"]
+mod gridworld;
 #[path = "lm_params.rs"]
 mod lm_params;
 #[cfg(feature = "llm")]
@@ -18,6 +22,8 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", xor_single_layer::run().await?);
     println!("{}", affine::run().await?);
     println!("{}", lm_params::run().await?);
+    println!("{}", gridworld::run().await?);
+    println!("{}", chat_memory::run().await?);
     #[cfg(feature = "llm")]
     println!("{}", prompt_qa::run().await?);
     Ok(())

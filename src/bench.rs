@@ -235,6 +235,19 @@ pub struct ObserveCost {
     pub eval_time_ratio: f64,
 }
 
+/// GridWorld episodes of a population of MLP policies (the GAME runner).
+#[derive(Clone, Debug, Serialize)]
+pub struct GridWorldBench {
+    /// Candidate policies (MLP 6-16-4).
+    pub pop: usize,
+    /// Episodes per candidate (5×5 grid, at most 20 steps).
+    pub episodes: usize,
+    /// Median candidate-episodes per second.
+    pub episodes_per_sec: f64,
+    /// Median environment steps per second (all cells).
+    pub steps_per_sec: f64,
+}
+
 /// The whole report, as `hyperfunc bench --json` prints it.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -248,6 +261,10 @@ pub struct BenchReport {
     pub task_b: Vec<TaskBRow>,
     /// Observation overhead.
     pub observe: ObserveCost,
+    /// The GAME runner on GridWorld.
+    pub gridworld: GridWorldBench,
+    /// The SQLite memory: batched inserts and retrieval latency by store size.
+    pub memory: crate::memory::MemoryBench,
     /// Whether this was a `--quick` run.
     pub quick: bool,
     /// Total seconds.
@@ -484,6 +501,76 @@ pub async fn observe_cost(data: &TaskBData, min_secs: f64) -> Result<ObserveCost
     })
 }
 
+/// GridWorld episodes per second for `pop` random MLP policies × `episodes` episodes.
+pub async fn gridworld(pop: usize, episodes: usize, reps: usize) -> Result<GridWorldBench> {
+    use crate::agents::{self, Game, GridWorld};
+    let policy = Chain::new(vec![HyperFn::mlp(
+        "policy",
+        &[GridWorld::OBSERVATION_SIZE, 16, 4],
+        Activation::Tanh,
+        Activation::Identity,
+    )]);
+    let game = Game::new(policy, |_| Ok(GridWorld::new(5)));
+    let data = agents::episodes(0..episodes as u64, 20)?;
+    let es = Es::default().pop_size(pop).seed(11);
+    let theta = es.start(&game)?.theta().clone();
+    let population = es.population(&game, &theta, 0)?;
+    let steps = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = steps.clone();
+    let metric = agents::episode_metric(move |r| {
+        counted.fetch_add(r.steps, std::sync::atomic::Ordering::Relaxed);
+        r.total_reward
+    });
+    let (mut eps, mut sps) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        steps.store(0, std::sync::atomic::Ordering::Relaxed);
+        let t = Instant::now();
+        evaluate_population(
+            &game,
+            &population,
+            &data,
+            &metric,
+            crate::es::DEFAULT_MAX_BATCH_SIZE,
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64().max(1e-9);
+        eps.push((pop * episodes) as f64 / secs);
+        sps.push(steps.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs);
+    }
+    Ok(GridWorldBench {
+        pop,
+        episodes,
+        episodes_per_sec: median(eps),
+        steps_per_sec: median(sps),
+    })
+}
+
+/// The memory benchmark on a temporary SQLite file: 10 k and 100 k entries (2 k when quick).
+fn memory_bench(quick: bool) -> Result<crate::memory::MemoryBench> {
+    let path =
+        std::env::temp_dir().join(format!("hyperfunc-bench-memory-{}.db", std::process::id()));
+    let (sizes, queries): (&[usize], usize) = if quick {
+        (&[2_000], 50)
+    } else {
+        (&[10_000, 100_000], 300)
+    };
+    // `memory::bench` runs its own runtime, which cannot start on a runtime thread.
+    let out = std::thread::scope(|s| {
+        s.spawn(|| crate::memory::bench(&path, sizes, queries))
+            .join()
+            .unwrap_or_else(|_| {
+                Err(crate::Error::config(
+                    "bench",
+                    "the memory benchmark panicked",
+                ))
+            })
+    });
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    out
+}
+
 /// Runs everything.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
@@ -510,12 +597,16 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         }
     }
     let observe = observe_cost(&b, min_secs).await?;
+    let gridworld = gridworld(256, 16, if cfg.quick { 1 } else { 5 }).await?;
+    let memory = memory_bench(cfg.quick)?;
     Ok(BenchReport {
         machine: machine(),
         peak_gflops: peak,
         task_a,
         task_b: task_b_rows,
         observe,
+        gridworld,
+        memory,
         quick: cfg.quick,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -553,6 +644,19 @@ pub fn render(r: &BenchReport) -> String {
         "\nobservation: {:.0} ns per record; evaluation with recording on takes {:.3}x the time\n",
         r.observe.ns_per_record, r.observe.eval_time_ratio
     ));
+    let g = &r.gridworld;
+    s.push_str(&format!(
+        "\nGridWorld (GAME runner): {} MLP policies × {} episodes: {:.0} episodes/s, {:.0} steps/s\n",
+        g.pop, g.episodes, g.episodes_per_sec, g.steps_per_sec
+    ));
+    s.push_str("\nMemory (SQLite file, WAL; add_many batches, BM25 + importance + recency)\n");
+    s.push_str("  entries   inserts/s   p50 ms   p95 ms\n");
+    for m in &r.memory.sizes {
+        s.push_str(&format!(
+            "  {:>7}  {:>10.0}  {:>7.3}  {:>7.3}\n",
+            m.entries, m.inserts_per_s, m.p50_ms, m.p95_ms
+        ));
+    }
     s.push_str(&format!(
         "\n{:.1} s{}\n",
         r.seconds,

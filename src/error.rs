@@ -171,6 +171,16 @@ pub enum Error {
         source: candle_core::Error,
     },
 
+    /// An agent runner could not go on: a malformed episode or conversation, a failing
+    /// environment, or a policy output that is not an action.
+    #[error("{runner}: {message}")]
+    Agent {
+        /// The runner (`game`, `chat`) and where.
+        runner: String,
+        /// What went wrong and what to fix.
+        message: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     File {
@@ -179,6 +189,53 @@ pub enum Error {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+
+    /// A memory store URL could not be opened (unknown scheme, unreachable server, bad path).
+    #[error("cannot open memory store `{url}`: {reason}")]
+    MemoryUrl {
+        /// The URL or path, with any password removed.
+        url: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+
+    /// A memory store URL needs a cargo feature this build of hyperfunc lacks.
+    #[error(
+        "{what} needs the cargo feature `{feature}`: build hyperfunc with `--features {feature}`"
+    )]
+    FeatureDisabled {
+        /// The feature to enable.
+        feature: &'static str,
+        /// What asked for it.
+        what: String,
+    },
+
+    /// A memory entry, query or setting has an invalid value.
+    #[error("invalid memory {field}: {reason}")]
+    InvalidMemory {
+        /// The field (`importance`, `user_id`, `weights`…).
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// The memory database stayed locked by other writers for longer than the busy timeout.
+    #[error("memory {op}: the database stayed locked by other writers for more than {waited:?}; retry, shorten other writers' transactions, or use PostgreSQL for many concurrent writers")]
+    MemoryBusy {
+        /// The operation (`add`, `retrieve`…).
+        op: &'static str,
+        /// The busy timeout that expired.
+        waited: Duration,
+    },
+
+    /// A memory database operation failed.
+    #[error("memory {op} failed: {message}")]
+    Memory {
+        /// The operation (`add`, `retrieve`…).
+        op: &'static str,
+        /// What the database reported.
+        message: String,
     },
 }
 

@@ -35,6 +35,7 @@
 //! parameter across candidates `[P, ..shape]`.
 #![deny(missing_docs)]
 
+pub mod agents;
 pub mod bench;
 mod data;
 mod error;
@@ -45,6 +46,7 @@ mod kernels;
 mod layers;
 #[cfg(feature = "llm")]
 pub mod llm;
+pub mod memory;
 pub mod metric;
 pub mod observe;
 mod param;

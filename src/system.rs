@@ -191,6 +191,10 @@ struct State {
     forwards: usize,
     failed: Vec<bool>,
     first_error: Option<Error>,
+    /// Cells (candidate-major, `P × N`) whose async calls run; `None`: all of them.
+    active: Option<Arc<Vec<bool>>>,
+    /// Set by an agent loop: the chunk's call sequence repeats a data-dependent number of times.
+    looped: bool,
 }
 
 /// What a finished chunk reports to the evaluator.
@@ -242,15 +246,79 @@ impl Cx {
         self.pc
     }
 
+    /// Index of this chunk's first candidate in the whole population.
+    pub fn first_candidate(&self) -> usize {
+        self.p0
+    }
+
+    /// Index of this chunk's first example among all examples.
+    pub fn first_example(&self) -> usize {
+        self.n0
+    }
+
+    /// The device θ lives on (where inputs built inside `run` should go).
+    pub fn device(&self) -> candle_core::Device {
+        self.pop
+            .base()
+            .iter()
+            .next()
+            .map_or(candle_core::Device::Cpu, |(_, t)| t.device().clone())
+    }
+
+    /// Restricts async calls to the cells (candidate-major `P × N` flags) still running, as an
+    /// agent loop does once some episodes or conversations have ended: a call for an inactive
+    /// cell is not made and yields `null`. `None` makes every cell active again.
+    pub(crate) fn set_active(&self, active: Option<Vec<bool>>) {
+        lock(&self.state).active = active.map(Arc::new);
+    }
+
+    /// Marks this chunk's calls as the body of a loop whose length depends on the data (see
+    /// [`Cx::set_active`]); the control-flow check then compares which functions are called.
+    pub(crate) fn mark_loop(&self) {
+        lock(&self.state).looped = true;
+    }
+
+    /// Whether the async call for (`cand`, `ex`) of a `P × n` call should be skipped.
+    fn skipped(
+        active: Option<&[bool]>,
+        pc: usize,
+        n: usize,
+        cand: usize,
+        ex: usize,
+        per_cand: bool,
+    ) -> bool {
+        match active {
+            Some(a) if a.len() == pc * n => {
+                if per_cand {
+                    !a[cand * n + ex]
+                } else {
+                    (0..pc).all(|c| !a[c * n + ex])
+                }
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn finish(&self) -> ChunkReport {
         let s = std::mem::take(&mut *lock(&self.state));
-        let signature = s
-            .dag
-            .nodes
-            .iter()
-            .map(|n| n.function.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let signature = if s.looped {
+            // An agent loop runs as many steps as its episodes need, which differs between
+            // chunks; what must agree is which functions the loop body calls.
+            let mut seen: Vec<&str> = Vec::new();
+            for n in &s.dag.nodes {
+                if !seen.contains(&n.function.as_str()) {
+                    seen.push(&n.function);
+                }
+            }
+            format!("loop of {}", seen.join(", "))
+        } else {
+            s.dag
+                .nodes
+                .iter()
+                .map(|n| n.function.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         ChunkReport {
             signature,
             forwards: s.forwards,
@@ -503,9 +571,18 @@ impl Cx {
             })
             .collect();
         let jobs = if out_batched { self.pc * n } else { n };
+        let active = lock(&self.state).active.clone();
         let results: Vec<Result<Json>> = futures::stream::iter(0..jobs)
             .map(|j| {
                 let (cand, ex) = (j / n.max(1), j % n.max(1));
+                let skip = Self::skipped(
+                    active.as_deref().map(Vec::as_slice),
+                    self.pc,
+                    n,
+                    cand,
+                    ex,
+                    out_batched,
+                );
                 let item = if in_batched {
                     items[j].clone()
                 } else {
@@ -513,6 +590,9 @@ impl Cx {
                 };
                 let p = params[if has_params { cand } else { 0 }].clone();
                 async move {
+                    if skip {
+                        return Ok(Json::Null);
+                    }
                     let start = self.scope.trace.now();
                     let (r, notes) = crate::observe::with_call_notes(self.attempt(
                         f,

@@ -70,6 +70,19 @@ fn bench_command_prints_one_json_document() {
     }
     assert!(v["observe"]["ns_per_record"].as_f64().unwrap() > 0.0);
     assert!(v["observe"]["eval_time_ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["gridworld"]["pop"], 256);
+    assert!(v["gridworld"]["episodes_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["gridworld"]["steps_per_sec"].as_f64().unwrap()
+            >= v["gridworld"]["episodes_per_sec"].as_f64().unwrap()
+    );
+    let mem = &v["memory"]["sizes"][0];
+    assert_eq!(mem["entries"], 2000);
+    assert!(mem["inserts_per_s"].as_f64().unwrap() > 0.0, "{mem}");
+    assert!(
+        mem["p95_ms"].as_f64().unwrap() >= mem["p50_ms"].as_f64().unwrap(),
+        "{mem}"
+    );
     // Task A learns even in the quick run: better than chance (0.1) on the test set.
     assert!(
         v["task_a"][0]["test_acc"].as_f64().unwrap() > 0.2,

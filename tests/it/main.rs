@@ -1,5 +1,6 @@
 //! The one integration-test binary: a module per capability.
 
+mod agents;
 mod bench;
 mod common;
 mod demos;
@@ -12,6 +13,7 @@ mod io;
 mod kernels;
 #[cfg(feature = "llm")]
 mod llm;
+mod memory;
 mod observe;
 #[cfg(all(feature = "otlp", feature = "llm"))]
 mod otlp;
