@@ -248,6 +248,21 @@ pub struct GridWorldBench {
     pub steps_per_sec: f64,
 }
 
+/// The cost of a tuned call and the bandit's regret.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuneBench {
+    /// Timed calls (after a warm-up).
+    pub calls: usize,
+    /// Median nanoseconds per tuned call with 5 choices under Thompson sampling, reward
+    /// included (decision, closure, record, reward; the probability estimate and the SQLite
+    /// write happen off the call's path).
+    pub ns_per_call_p50: f64,
+    /// 99th percentile of the same.
+    pub ns_per_call_p99: f64,
+    /// Regret against the best fixed choice in the 5-arm simulations.
+    pub regret: crate::tune::sim::RegretReport,
+}
+
 /// The whole report, as `hyperfunc bench --json` prints it.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -265,6 +280,8 @@ pub struct BenchReport {
     pub gridworld: GridWorldBench,
     /// The SQLite memory: batched inserts and retrieval latency by store size.
     pub memory: crate::memory::MemoryBench,
+    /// Tuned calls: overhead and regret.
+    pub tune: TuneBench,
     /// Whether this was a `--quick` run.
     pub quick: bool,
     /// Total seconds.
@@ -571,6 +588,43 @@ fn memory_bench(quick: bool) -> Result<crate::memory::MemoryBench> {
     out
 }
 
+/// Overhead per tuned call (5 choices, Thompson) and the regret simulations (10 000 calls × 100
+/// seeds; 1 000 × 2 when quick).
+pub async fn tune_bench(quick: bool) -> Result<TuneBench> {
+    use crate::tune::{sim, Tuner};
+    const NAMES: [&str; 5] = ["arm0", "arm1", "arm2", "arm3", "arm4"];
+    let tuner = Tuner::in_memory()?.seed(5);
+    let calls = if quick { 2_000 } else { 20_000 };
+    let mut ns = Vec::with_capacity(calls);
+    for i in 0..calls + 1_000 {
+        let t = Instant::now();
+        let (pick, outcome) = tuner
+            .tune("bench")
+            .choices(NAMES)
+            .run(|c| async move { Ok::<_, crate::Error>(c.index()) })
+            .await?;
+        outcome.reward(if pick == 4 { 1.0 } else { 0.0 })?;
+        if i >= 1_000 {
+            ns.push(t.elapsed().as_nanos() as f64);
+        }
+    }
+    tuner.flush()?;
+    ns.sort_by(f64::total_cmp);
+    let p99 = ns[((ns.len() as f64 * 0.99) as usize).min(ns.len() - 1)];
+    let (sim_calls, seeds) = if quick { (1_000, 2) } else { (10_000, 100) };
+    let regret = tokio::task::spawn_blocking(move || sim::regret_simulation(sim_calls, seeds))
+        .await
+        .map_err(|e| {
+            crate::Error::config("bench", format!("the regret simulation panicked: {e}"))
+        })??;
+    Ok(TuneBench {
+        calls,
+        ns_per_call_p50: median(ns),
+        ns_per_call_p99: p99,
+        regret,
+    })
+}
+
 /// Runs everything.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let start = Instant::now();
@@ -599,6 +653,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let observe = observe_cost(&b, min_secs).await?;
     let gridworld = gridworld(256, 16, if cfg.quick { 1 } else { 5 }).await?;
     let memory = memory_bench(cfg.quick)?;
+    let tune = tune_bench(cfg.quick).await?;
     Ok(BenchReport {
         machine: machine(),
         peak_gflops: peak,
@@ -607,6 +662,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         observe,
         gridworld,
         memory,
+        tune,
         quick: cfg.quick,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -656,6 +712,23 @@ pub fn render(r: &BenchReport) -> String {
             "  {:>7}  {:>10.0}  {:>7.3}  {:>7.3}\n",
             m.entries, m.inserts_per_s, m.p50_ms, m.p95_ms
         ));
+    }
+    let t = &r.tune;
+    s.push_str(&format!(
+        "\nTuned call (5 choices, Thompson, reward included): p50 {:.0} ns, p99 {:.0} ns\n",
+        t.ns_per_call_p50, t.ns_per_call_p99
+    ));
+    s.push_str(&format!(
+        "Regret vs the best fixed choice ({} calls, mean of {} seeds):\n",
+        t.regret.calls, t.regret.seeds
+    ));
+    for sc in &t.regret.scenarios {
+        let row: Vec<String> = sc
+            .policies
+            .iter()
+            .map(|p| format!("{} {:.1}", p.policy, p.mean_regret))
+            .collect();
+        s.push_str(&format!("  {:<9} {}\n", sc.scenario, row.join(", ")));
     }
     s.push_str(&format!(
         "\n{:.1} s{}\n",

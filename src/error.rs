@@ -237,6 +237,55 @@ pub enum Error {
         /// What the database reported.
         message: String,
     },
+
+    /// A tuned call was set up wrongly (no choices, a repeated choice, a setting out of range).
+    #[error("tune `{label}`: {reason}")]
+    TuneConfig {
+        /// The tune label (empty for tuner-wide settings).
+        label: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// A choice named by `Policy::Fixed` is not among the call's choices.
+    #[error("tune `{label}`: unknown choice `{choice}`; the choices are {choices:?}")]
+    TuneUnknownChoice {
+        /// The tune label.
+        label: String,
+        /// The name that was asked for.
+        choice: String,
+        /// The call's choices.
+        choices: Vec<String>,
+    },
+
+    /// A reward or cost that is not a finite number in its range.
+    #[error("tune: {what} must be {expected}, got {value}")]
+    TuneValue {
+        /// `reward` or `cost`.
+        what: &'static str,
+        /// The allowed range, in words.
+        expected: &'static str,
+        /// The value that was given.
+        value: f64,
+    },
+
+    /// A reward or cost was reported for a call the tuner does not know, or twice.
+    #[error("tune: call {call_id}: {reason}")]
+    TuneCall {
+        /// The call id.
+        call_id: u64,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The tune store could not be opened, read or written.
+    #[error("tune store `{path}`: {reason}")]
+    TuneStore {
+        /// The store file.
+        path: String,
+        /// What SQLite reported and what to do.
+        reason: String,
+    },
 }
 
 impl Error {

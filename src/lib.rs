@@ -55,6 +55,7 @@ pub mod prompt;
 mod rng;
 mod system;
 mod theta;
+pub mod tune;
 
 pub use data::{Examples, Value};
 pub use error::{Error, Result};

@@ -64,6 +64,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tuned calls (`hyperfunc::tune`): what each choice learned.
+    Tune {
+        #[command(subcommand)]
+        command: TuneCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TuneCommand {
+    /// Per label and context: each choice's calls, success rate, mean reward with a 95%
+    /// interval, cost, and the current winner.
+    Report {
+        /// The SQLite tune store.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// Only this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -165,6 +187,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", report.to_markdown());
+            }
+        }
+        Command::Tune {
+            command: TuneCommand::Report { store, label, json },
+        } => {
+            if !store.exists() {
+                return Err(format!("no tune store at {}", store.display()).into());
+            }
+            let report = hyperfunc::tune::Tuner::open(&store)?.report(label.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_table());
             }
         }
     }

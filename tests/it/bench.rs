@@ -83,6 +83,16 @@ fn bench_command_prints_one_json_document() {
         mem["p95_ms"].as_f64().unwrap() >= mem["p50_ms"].as_f64().unwrap(),
         "{mem}"
     );
+    let tune = &v["tune"];
+    assert!(
+        tune["ns_per_call_p99"].as_f64().unwrap() >= tune["ns_per_call_p50"].as_f64().unwrap(),
+        "{tune}"
+    );
+    assert_eq!(
+        tune["regret"]["scenarios"].as_array().unwrap().len(),
+        2,
+        "{tune}"
+    );
     // Task A learns even in the quick run: better than chance (0.1) on the test set.
     assert!(
         v["task_a"][0]["test_acc"].as_f64().unwrap() > 0.2,

@@ -21,3 +21,4 @@ mod population;
 #[cfg(all(feature = "llm", feature = "derive"))]
 mod prompt;
 mod system;
+mod tune;
