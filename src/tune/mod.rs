@@ -52,9 +52,11 @@ pub mod sim;
 mod stats;
 mod store;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -134,7 +136,7 @@ struct Config {
 }
 
 struct Arm {
-    name: String,
+    name: Arc<str>,
     /// What the store held at the last sync plus everything since: what decisions use.
     stats: ArmStats,
     /// Not yet written.
@@ -160,35 +162,108 @@ impl Arm {
     }
 }
 
-#[derive(Default)]
+/// A fast hash for the in-memory maps (call ids, call sites, labels and choice names written in
+/// code): a multiply-rotate over 8-byte words.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
 struct Group {
+    label: Arc<str>,
+    context: Arc<str>,
     arms: Vec<Arm>,
-    index: HashMap<String, usize>,
+    index: FastMap<Arc<str>, usize>,
     priors: HashMap<String, RewardSums>,
+    /// The arm positions of the last list of choices (distinct names, checked once).
+    last: Vec<usize>,
 }
 
 impl Group {
+    fn new(label: &str, context: &str) -> Group {
+        Group {
+            label: label.into(),
+            context: context.into(),
+            arms: Vec::new(),
+            index: FastMap::default(),
+            priors: HashMap::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Whether `choices` is the last list of choices, in order.
+    fn is_last<S: AsRef<str>>(&self, choices: &[S]) -> bool {
+        self.last.len() == choices.len()
+            && self
+                .last
+                .iter()
+                .zip(choices)
+                .all(|(&i, c)| *self.arms[i].name == *c.as_ref())
+    }
+
     fn arm(&mut self, name: &str) -> usize {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
         let i = self.arms.len();
+        let name: Arc<str> = name.into();
         self.arms.push(Arm {
-            name: name.to_string(),
+            name: name.clone(),
             stats: ArmStats::default(),
             pending: Pending::default(),
-            prior: self.priors.get(name).copied().unwrap_or_default(),
+            prior: self.priors.get(&*name).copied().unwrap_or_default(),
             detector: PageHinkley::default(),
         });
-        self.index.insert(name.to_string(), i);
+        self.index.insert(name, i);
         i
     }
 }
 
-type Key = (String, String);
-
 struct OpenCall {
-    key: Key,
+    /// Position in `State::groups`.
+    group: usize,
     arm: usize,
     /// Position among all rows ever buffered; in the buffer while ≥ `State::flushed`.
     seq: u64,
@@ -199,10 +274,15 @@ struct OpenCall {
 struct State {
     cfg: Config,
     rng: Xoshiro256PlusPlus,
-    groups: HashMap<Key, Group>,
+    /// Every (label, context) in use; never removed, so positions stay valid.
+    groups: Vec<Group>,
+    /// label → context → position in `groups`.
+    group_index: FastMap<Arc<str>, FastMap<Arc<str>, usize>>,
+    /// `file:line` of each call site seen, by the address of its `Location`.
+    callers: FastMap<usize, Arc<str>>,
     rows: Vec<Row>,
     updates: Vec<(u64, Field, f64)>,
-    open: HashMap<u64, OpenCall>,
+    open: FastMap<u64, OpenCall>,
     /// Rows handed to the store so far.
     flushed: u64,
     instance: u32,
@@ -283,10 +363,12 @@ impl Tuner {
                 batch: DEFAULT_BATCH,
             },
             rng: Xoshiro256PlusPlus::seed_from_u64(instance_seed),
-            groups: HashMap::new(),
+            groups: Vec::new(),
+            group_index: FastMap::default(),
+            callers: FastMap::default(),
             rows: Vec::new(),
             updates: Vec::new(),
-            open: HashMap::new(),
+            open: FastMap::default(),
             flushed: 0,
             instance: (instance_seed >> 32) as u32,
             counter: 0,
@@ -480,14 +562,12 @@ impl Tuner {
             }
             meta
         };
-        self.inner.shared.ensure_group(&meta.label, &meta.context)?;
+        let gid = self.inner.shared.ensure_group(&meta.label, &meta.context)?;
         let mut st = self.state();
-        let key = (meta.label, meta.context);
         let change = st.cfg.change;
-        if let Some(g) = st.groups.get_mut(&key) {
-            let i = g.arm(&meta.choice);
-            apply_stat(&mut g.arms[i], field, v, change.as_ref());
-        }
+        let g = &mut st.groups[gid];
+        let i = g.arm(&meta.choice);
+        apply_stat(&mut g.arms[i], field, v, change.as_ref());
         Ok(())
     }
 
@@ -534,6 +614,20 @@ fn apply_stat(arm: &mut Arm, field: Field, v: f64, change: Option<&ChangeDetecti
 }
 
 impl State {
+    /// The position of a (label, context) in `groups`, if loaded.
+    fn find(&self, label: &str, context: &str) -> Option<usize> {
+        self.group_index.get(label)?.get(context).copied()
+    }
+
+    /// `file:line` of a call site, formatted once.
+    fn caller(&mut self, loc: &'static Location<'static>) -> Arc<str> {
+        let key = loc as *const Location<'static> as usize;
+        self.callers
+            .entry(key)
+            .or_insert_with(|| format!("{}:{}", loc.file(), loc.line()).into())
+            .clone()
+    }
+
     fn apply_value(&mut self, id: u64, field: Field, v: f64) -> Result<()> {
         let change = self.cfg.change;
         let Some(call) = self.open.get_mut(&id) else {
@@ -557,10 +651,8 @@ impl State {
             });
         }
         *done = true;
-        let (seq, arm) = (call.seq, call.arm);
-        if let Some(g) = self.groups.get_mut(&call.key) {
-            apply_stat(&mut g.arms[arm], field, v, change.as_ref());
-        }
+        let (seq, group, arm) = (call.seq, call.group, call.arm);
+        apply_stat(&mut self.groups[group].arms[arm], field, v, change.as_ref());
         let buffered = seq
             .checked_sub(self.flushed)
             .and_then(|i| self.rows.get_mut(i as usize));
@@ -574,32 +666,32 @@ impl State {
 }
 
 impl Shared {
-    /// Loads a (label, context) group from the store, with its prior from the other contexts.
-    fn ensure_group(&self, label: &str, context: &str) -> Result<()> {
-        let key = (label.to_string(), context.to_string());
-        if lock(&self.state).groups.contains_key(&key) {
-            return Ok(());
+    /// Loads a (label, context) group from the store, with its prior from the other contexts;
+    /// returns its position in `State::groups`.
+    fn ensure_group(&self, label: &str, context: &str) -> Result<usize> {
+        if let Some(g) = lock(&self.state).find(label, context) {
+            return Ok(g);
         }
         let store = lock(&self.store);
         let rows = store.load_label(label)?;
         let mut st = lock(&self.state);
-        if st.groups.contains_key(&key) {
-            return Ok(());
+        if let Some(g) = st.find(label, context) {
+            return Ok(g);
         }
         let mut pooled: HashMap<String, RewardSums> = HashMap::new();
         for (ctx, choice, stats) in &rows {
-            if ctx != context && !st.groups.contains_key(&(label.to_string(), ctx.clone())) {
+            if ctx != context && st.find(label, ctx).is_none() {
                 pooled
                     .entry(choice.clone())
                     .or_default()
                     .add(&stats.current());
             }
         }
-        for ((l, ctx), g) in &st.groups {
-            if l == label && ctx != context {
+        for g in &st.groups {
+            if &*g.label == label && &*g.context != context {
                 for a in &g.arms {
                     pooled
-                        .entry(a.name.clone())
+                        .entry(a.name.to_string())
                         .or_default()
                         .add(&a.stats.current());
                 }
@@ -615,7 +707,7 @@ impl Shared {
                     (c, s.scaled(k))
                 })
                 .collect(),
-            ..Group::default()
+            ..Group::new(label, context)
         };
         for (ctx, choice, stats) in rows {
             if ctx == context {
@@ -623,8 +715,11 @@ impl Shared {
                 group.arms[i].stats = stats;
             }
         }
-        st.groups.insert(key, group);
-        Ok(())
+        let gid = st.groups.len();
+        let (l, c) = (group.label.clone(), group.context.clone());
+        st.groups.push(group);
+        st.group_index.entry(l).or_default().insert(c, gid);
+        Ok(gid)
     }
 
     fn flush(&self) -> Result<()> {
@@ -633,18 +728,18 @@ impl Shared {
             let mut st = lock(&self.state);
             st.flush_requested = false;
             let mut b = Batch::default();
-            for ((label, context), g) in &mut st.groups {
+            for g in &mut st.groups {
                 for a in &mut g.arms {
                     if !a.pending.is_empty() {
                         b.arms.push((
-                            label.clone(),
-                            context.clone(),
-                            a.name.clone(),
+                            g.label.to_string(),
+                            g.context.to_string(),
+                            a.name.to_string(),
                             std::mem::take(&mut a.pending),
                         ));
                     }
                 }
-                b.sync.push((label.clone(), context.clone()));
+                b.sync.push((g.label.to_string(), g.context.to_string()));
             }
             b.rows = std::mem::take(&mut st.rows);
             st.flushed += b.rows.len() as u64;
@@ -658,8 +753,9 @@ impl Shared {
             Ok(synced) => {
                 let mut st = lock(&self.state);
                 for (label, context, choice, stats) in synced {
-                    if let Some(g) = st.groups.get_mut(&(label, context)) {
-                        if let Some(&i) = g.index.get(&choice) {
+                    if let Some(gid) = st.find(&label, &context) {
+                        let g = &mut st.groups[gid];
+                        if let Some(&i) = g.index.get(&*choice) {
                             let a = &mut g.arms[i];
                             a.stats = stats;
                             a.stats.apply(&a.pending);
@@ -676,8 +772,9 @@ impl Shared {
                 // Keep everything for the next flush, in order.
                 let mut st = lock(&self.state);
                 for (label, context, choice, p) in batch.arms {
-                    if let Some(g) = st.groups.get_mut(&(label, context)) {
-                        if let Some(&i) = g.index.get(&choice) {
+                    if let Some(gid) = st.find(&label, &context) {
+                        let g = &mut st.groups[gid];
+                        if let Some(&i) = g.index.get(&*choice) {
                             let a = &mut g.arms[i];
                             let mut merged = p;
                             merged.then(&a.pending);
@@ -704,7 +801,7 @@ pub struct TuneCall {
     tuner: Tuner,
     label: String,
     context: String,
-    choices: Option<Vec<Arc<str>>>,
+    choices: Option<Vec<String>>,
     policy: Option<Policy>,
     objective: Option<Objective>,
     caller: &'static Location<'static>,
@@ -724,11 +821,11 @@ impl fmt::Debug for TuneCall {
 
 /// One decision, before the closure runs.
 struct Decision {
-    key: Key,
+    group: usize,
     arm: usize,
     choice: Choice,
     probability: policy::Prob,
-    policy: String,
+    policy: Cow<'static, str>,
 }
 
 impl TuneCall {
@@ -739,12 +836,7 @@ impl TuneCall {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.choices = Some(
-            choices
-                .into_iter()
-                .map(|s| Arc::from(s.into().as_str()))
-                .collect(),
-        );
+        self.choices = Some(choices.into_iter().map(Into::into).collect());
         self
     }
 
@@ -779,22 +871,45 @@ impl TuneCall {
     }
 
     fn decide(&self) -> Result<Decision> {
-        let default = [Arc::<str>::from("default")];
-        let choices: &[Arc<str>] = match &self.choices {
+        const DEFAULT: [&str; 1] = ["default"];
+        let choices: &[String] = match &self.choices {
             Some(c) if c.is_empty() => {
                 return Err(self.config_error("the list of choices is empty".into()))
             }
             Some(c) => c,
-            None => &default,
+            None => &[],
         };
-        for (i, c) in choices.iter().enumerate() {
-            if choices[..i].contains(c) {
-                return Err(self.config_error(format!("choice `{c}` is listed twice")));
-            }
-        }
         let shared = &self.tuner.inner.shared;
-        shared.ensure_group(&self.label, &self.context)?;
         let mut st = lock(&shared.state);
+        // The same list as last time for this group: its names are distinct and its arms known.
+        let known = st.find(&self.label, &self.context).filter(|&g| {
+            let g = &st.groups[g];
+            if choices.is_empty() {
+                g.is_last(&DEFAULT)
+            } else {
+                g.is_last(choices)
+            }
+        });
+        let gid = match known {
+            Some(g) => g,
+            None => {
+                drop(st);
+                for (i, c) in choices.iter().enumerate() {
+                    if choices[..i].contains(c) {
+                        return Err(self.config_error(format!("choice `{c}` is listed twice")));
+                    }
+                }
+                let gid = shared.ensure_group(&self.label, &self.context)?;
+                st = lock(&shared.state);
+                let g = &mut st.groups[gid];
+                g.last = if choices.is_empty() {
+                    DEFAULT.iter().map(|c| g.arm(c)).collect()
+                } else {
+                    choices.iter().map(|c| g.arm(c)).collect()
+                };
+                gid
+            }
+        };
         let policy = self.policy.clone().unwrap_or_else(|| st.cfg.policy.clone());
         let objective = self.objective.unwrap_or(st.cfg.objective);
         match policy {
@@ -814,51 +929,57 @@ impl TuneCall {
             }
             _ => {}
         }
-        let key = (self.label.clone(), self.context.clone());
         let st = &mut *st;
-        let group = st
-            .groups
-            .get_mut(&key)
-            .ok_or_else(|| self.config_error("the group vanished while loading".into()))?;
-        let arms: Vec<usize> = choices.iter().map(|c| group.arm(c)).collect();
-        let (pos, probability) = if let Policy::Fixed(name) = &policy {
-            let pos = choices
-                .iter()
-                .position(|c| &**c == name.as_str())
-                .ok_or_else(|| Error::TuneUnknownChoice {
-                    label: self.label.clone(),
-                    choice: name.clone(),
-                    choices: choices.iter().map(|c| c.to_string()).collect(),
-                })?;
-            (pos, policy::Prob::Known(Some(1.0)))
-        } else {
-            let binary = match st.cfg.kind {
-                RewardKind::Binary => true,
-                RewardKind::Continuous => false,
-                RewardKind::Auto => group
-                    .arms
-                    .iter()
-                    .all(|a| a.stats.total.nonbinary <= 0.0 && a.prior.nonbinary <= 0.0),
-            };
-            let views: Vec<ArmView> = arms.iter().map(|&i| group.arms[i].view()).collect();
-            policy::select_deferred(
-                &policy,
-                &objective,
-                binary,
-                &views,
-                st.cfg.draws,
-                &mut st.rng,
+        let group = &st.groups[gid];
+        let arms = &group.last;
+        let pos = if let Policy::Fixed(name) = &policy {
+            Some(
+                arms.iter()
+                    .position(|&i| *group.arms[i].name == *name.as_str())
+                    .ok_or_else(|| Error::TuneUnknownChoice {
+                        label: self.label.clone(),
+                        choice: name.clone(),
+                        choices: arms
+                            .iter()
+                            .map(|&i| group.arms[i].name.to_string())
+                            .collect(),
+                    })?,
             )
+        } else {
+            None
         };
+        let (pos, probability) = match pos {
+            Some(pos) => (pos, policy::Prob::Known(Some(1.0))),
+            None => {
+                let binary = match st.cfg.kind {
+                    RewardKind::Binary => true,
+                    RewardKind::Continuous => false,
+                    RewardKind::Auto => group
+                        .arms
+                        .iter()
+                        .all(|a| a.stats.total.nonbinary <= 0.0 && a.prior.nonbinary <= 0.0),
+                };
+                let views: Vec<ArmView> = arms.iter().map(|&i| group.arms[i].view()).collect();
+                policy::select_deferred(
+                    &policy,
+                    &objective,
+                    binary,
+                    views,
+                    st.cfg.draws,
+                    &mut st.rng,
+                )
+            }
+        };
+        let arm = st.groups[gid].last[pos];
         Ok(Decision {
-            key,
-            arm: arms[pos],
+            group: gid,
+            arm,
             choice: Choice {
-                name: choices[pos].clone(),
+                name: st.groups[gid].arms[arm].name.clone(),
                 index: pos,
             },
             probability,
-            policy: policy.name(),
+            policy: policy.short_name(),
         })
     }
 
@@ -886,17 +1007,19 @@ impl TuneCall {
         let latency_s = t0.elapsed().as_secs_f64();
         let error = result.as_ref().err().map(|e| clip(&e.to_string()));
         let failed = error.is_some();
-        let caller = format!("{}:{}", self.caller.file(), self.caller.line());
         let (id, wake) = {
             let mut st = self.tuner.state();
+            let caller = st.caller(self.caller);
             let id = (u64::from(st.instance) << 32) | u64::from(st.counter);
             st.counter = st.counter.wrapping_add(1);
             let seq = st.flushed + st.rows.len() as u64;
+            let g = &st.groups[d.group];
+            let (label, context) = (g.label.clone(), g.context.clone());
             st.rows.push(Row {
                 id,
-                label: self.label.clone(),
-                context: self.context.clone(),
-                choice: d.choice.name().to_string(),
+                label,
+                context,
+                choice: d.choice.name.clone(),
                 policy: d.policy,
                 probability: d.probability.clone(),
                 caller,
@@ -907,21 +1030,19 @@ impl TuneCall {
                 cost: None,
             });
             let change = st.cfg.change;
-            if let Some(g) = st.groups.get_mut(&d.key) {
-                let arm = &mut g.arms[d.arm];
-                arm.push(&Pending::of_life(Life {
-                    calls: 1,
-                    errors: u64::from(failed),
-                    ..Life::default()
-                }));
-                if failed {
-                    apply_stat(arm, Field::Reward, 0.0, change.as_ref());
-                }
+            let arm = &mut st.groups[d.group].arms[d.arm];
+            arm.push(&Pending::of_life(Life {
+                calls: 1,
+                errors: u64::from(failed),
+                ..Life::default()
+            }));
+            if failed {
+                apply_stat(arm, Field::Reward, 0.0, change.as_ref());
             }
             st.open.insert(
                 id,
                 OpenCall {
-                    key: d.key,
+                    group: d.group,
                     arm: d.arm,
                     seq,
                     rewarded: failed,

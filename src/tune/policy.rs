@@ -29,10 +29,15 @@ pub enum Policy {
 impl Policy {
     /// A short name for records (`thompson`, `ucb1`, `epsilon_greedy(0.1)`, `fixed`).
     pub fn name(&self) -> String {
+        self.short_name().into_owned()
+    }
+
+    /// [`Policy::name`] without an allocation for the policies without a parameter.
+    pub(crate) fn short_name(&self) -> std::borrow::Cow<'static, str> {
         match self {
             Policy::Thompson => "thompson".into(),
             Policy::Ucb1 => "ucb1".into(),
-            Policy::EpsilonGreedy(e) => format!("epsilon_greedy({e})"),
+            Policy::EpsilonGreedy(e) => format!("epsilon_greedy({e})").into(),
             Policy::Fixed(_) => "fixed".into(),
         }
     }
@@ -110,25 +115,50 @@ pub(crate) fn eligible(objective: &Objective, arms: &[ArmView]) -> Vec<usize> {
     (0..arms.len()).collect()
 }
 
-fn thompson_sample(post: &RewardSums, binary: bool, rng: &mut Xoshiro256PlusPlus) -> f64 {
-    if binary {
-        let a = (1.0 + post.sum).max(1e-3);
-        let b = (1.0 + post.n - post.sum).max(1e-3);
-        match Beta::new(a, b) {
-            Ok(d) => d.sample(rng),
-            Err(_) => a / (a + b),
-        }
-    } else {
-        let n = post.n.max(1e-9);
-        let m = post.sum / n;
-        let alpha = NG_ALPHA0 + n / 2.0;
-        let beta = NG_BETA0 + 0.5 * (post.sq - n * m * m).max(0.0);
-        let scale = (beta / (alpha * n)).sqrt();
-        match StudentT::new(2.0 * alpha) {
-            Ok(t) => m + scale * t.sample(rng),
-            Err(_) => m,
+/// One arm's Thompson posterior, ready to draw from.
+enum Sampler {
+    Beta(Beta<f64>),
+    StudentT {
+        m: f64,
+        scale: f64,
+        t: StudentT<f64>,
+    },
+    Fixed(f64),
+}
+
+impl Sampler {
+    fn new(post: &RewardSums, binary: bool) -> Sampler {
+        if binary {
+            let a = (1.0 + post.sum).max(1e-3);
+            let b = (1.0 + post.n - post.sum).max(1e-3);
+            match Beta::new(a, b) {
+                Ok(d) => Sampler::Beta(d),
+                Err(_) => Sampler::Fixed(a / (a + b)),
+            }
+        } else {
+            let n = post.n.max(1e-9);
+            let m = post.sum / n;
+            let alpha = NG_ALPHA0 + n / 2.0;
+            let beta = NG_BETA0 + 0.5 * (post.sq - n * m * m).max(0.0);
+            let scale = (beta / (alpha * n)).sqrt();
+            match StudentT::new(2.0 * alpha) {
+                Ok(t) => Sampler::StudentT { m, scale, t },
+                Err(_) => Sampler::Fixed(m),
+            }
         }
     }
+
+    fn sample(&self, rng: &mut Xoshiro256PlusPlus) -> f64 {
+        match self {
+            Sampler::Beta(d) => d.sample(rng),
+            Sampler::StudentT { m, scale, t } => m + scale * t.sample(rng),
+            Sampler::Fixed(v) => *v,
+        }
+    }
+}
+
+fn thompson_sample(post: &RewardSums, binary: bool, rng: &mut Xoshiro256PlusPlus) -> f64 {
+    Sampler::new(post, binary).sample(rng)
 }
 
 fn argmax(scores: impl Iterator<Item = (usize, f64)>) -> Option<usize> {
@@ -177,7 +207,8 @@ impl Prob {
 #[derive(Clone, Debug)]
 pub(crate) struct Deferred {
     arms: Vec<ArmView>,
-    ok: Vec<usize>,
+    /// The eligible positions; `None` when every arm is.
+    ok: Option<Vec<usize>>,
     binary: bool,
     objective: Objective,
     pick: usize,
@@ -191,9 +222,35 @@ impl Deferred {
     pub(crate) fn estimate(&self) -> f64 {
         use rand::SeedableRng;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(self.seed);
+        // The posteriors are fixed: build each arm's sampler once (the draws are the same as
+        // building it for every draw).
+        let all: Vec<usize>;
+        let ok = match &self.ok {
+            Some(ok) => ok.as_slice(),
+            None => {
+                all = (0..self.arms.len()).collect();
+                &all
+            }
+        };
+        let samplers: Vec<(usize, Sampler, f64)> = ok
+            .iter()
+            .map(|&i| {
+                let a = &self.arms[i];
+                (
+                    i,
+                    Sampler::new(&a.post, self.binary),
+                    self.objective.penalty(a.mean_cost),
+                )
+            })
+            .collect();
         let wins = (0..self.draws)
             .filter(|_| {
-                thompson_pick(&self.arms, &self.ok, self.binary, &self.objective, &mut rng)
+                argmax(
+                    samplers
+                        .iter()
+                        .map(|(i, s, pen)| (*i, s.sample(&mut rng) - pen)),
+                )
+                .unwrap_or(ok[0])
                     == self.pick
             })
             .count();
@@ -219,30 +276,55 @@ fn thompson_pick(
 }
 
 /// [`select`] for the hot path: a Thompson decision takes one draw, and its probability is
-/// deferred ([`Prob::Later`]) instead of `draws` more draws now.
+/// deferred ([`Prob::Later`]) instead of `draws` more draws now. Takes the views, which the
+/// deferred estimate keeps.
 pub(crate) fn select_deferred(
     policy: &Policy,
     objective: &Objective,
     binary: bool,
-    arms: &[ArmView],
+    arms: Vec<ArmView>,
     draws: usize,
     rng: &mut Xoshiro256PlusPlus,
 ) -> (usize, Prob) {
     if !matches!(policy, Policy::Thompson) || draws == 0 {
-        let (pick, p) = select(policy, objective, binary, arms, draws, rng);
+        let (pick, p) = select(policy, objective, binary, &arms, draws, rng);
         return (pick, Prob::Known(p));
     }
-    let (pick, p) = select(policy, objective, binary, arms, 0, rng);
-    if p.is_some() {
-        // An untried choice: the probability is exact already.
-        return (pick, Prob::Known(p));
-    }
+    let (pick, ok) = if matches!(objective, Objective::BestQualityWithCostCap { .. }) {
+        let (pick, p) = select(policy, objective, binary, &arms, 0, rng);
+        if p.is_some() {
+            return (pick, Prob::Known(p));
+        }
+        (pick, Some(eligible(objective, &arms)))
+    } else {
+        // Every arm is eligible: `select` with zero draws, without its allocations (the same
+        // random numbers, so the same decision).
+        let untried = arms.iter().filter(|a| a.post.n <= 0.0).count();
+        if untried > 0 {
+            let k = rng.random_range(0..untried);
+            let pick = arms
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.post.n <= 0.0)
+                .nth(k)
+                .map_or(0, |(i, _)| i);
+            return (pick, Prob::Known(Some(1.0 / untried as f64)));
+        }
+        let pick = argmax(arms.iter().enumerate().map(|(i, a)| {
+            (
+                i,
+                thompson_sample(&a.post, binary, rng) - objective.penalty(a.mean_cost),
+            )
+        }))
+        .unwrap_or(0);
+        (pick, None)
+    };
     let seed = rng.random::<u64>();
     (
         pick,
         Prob::Later(std::sync::Arc::new(Deferred {
-            arms: arms.to_vec(),
-            ok: eligible(objective, arms),
+            arms,
+            ok,
             binary,
             objective: *objective,
             pick,

@@ -87,12 +87,12 @@ impl From<Row> for CallRecord {
     fn from(r: Row) -> Self {
         CallRecord {
             id: r.id,
-            label: r.label,
-            context: r.context,
-            choice: r.choice,
-            policy: r.policy,
+            label: r.label.to_string(),
+            context: r.context.to_string(),
+            choice: r.choice.to_string(),
+            policy: r.policy.into_owned(),
             probability: r.probability.value(),
-            caller: r.caller,
+            caller: r.caller.to_string(),
             started_at: r.started_at,
             latency_s: r.latency_s,
             error: r.error,

@@ -6,6 +6,8 @@
 //! same statement, so no update from another process is lost. The store knows nothing of
 //! policies.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -59,13 +61,13 @@ const ARM_COLUMNS: &str = "context, choice, calls, errors, cost_n, cost_sum, res
 #[derive(Clone, Debug)]
 pub(crate) struct Row {
     pub id: u64,
-    pub label: String,
-    pub context: String,
-    pub choice: String,
-    pub policy: String,
+    pub label: Arc<str>,
+    pub context: Arc<str>,
+    pub choice: Arc<str>,
+    pub policy: Cow<'static, str>,
     /// A Thompson decision's probability is estimated here, when the row is written.
     pub probability: super::policy::Prob,
-    pub caller: String,
+    pub caller: Arc<str>,
     pub started_at: f64,
     pub latency_s: f64,
     pub error: Option<String>,
@@ -264,12 +266,12 @@ impl Store {
             for r in &b.rows {
                 row.execute(params![
                     r.id as i64,
-                    r.label,
-                    r.context,
-                    r.choice,
-                    r.policy,
+                    &*r.label,
+                    &*r.context,
+                    &*r.choice,
+                    &*r.policy,
                     r.probability.value(),
-                    r.caller,
+                    &*r.caller,
                     r.started_at,
                     r.latency_s,
                     r.error,
@@ -364,12 +366,12 @@ impl Store {
             .query_map([label], |r| {
                 Ok(Row {
                     id: r.get::<_, i64>(0)? as u64,
-                    label: r.get(1)?,
-                    context: r.get(2)?,
-                    choice: r.get(3)?,
-                    policy: r.get(4)?,
+                    label: r.get::<_, String>(1)?.into(),
+                    context: r.get::<_, String>(2)?.into(),
+                    choice: r.get::<_, String>(3)?.into(),
+                    policy: Cow::Owned(r.get(4)?),
                     probability: super::policy::Prob::Known(r.get(5)?),
-                    caller: r.get(6)?,
+                    caller: r.get::<_, String>(6)?.into(),
                     started_at: r.get(7)?,
                     latency_s: r.get(8)?,
                     error: r.get(9)?,
