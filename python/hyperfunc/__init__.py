@@ -50,6 +50,7 @@ from ._hyperfunc import (
     set_threads,
     tensor,
 )
+from ._tune import Outcome, Tuner, default_tuner, tune
 
 __all__ = [
     "CallError",
@@ -66,13 +67,16 @@ __all__ = [
     "LlmClient",
     "LmParams",
     "Mlp",
+    "Outcome",
     "ParamSpec",
     "Report",
     "Scorer",
     "Signature",
     "Theta",
+    "Tuner",
     "Value",
     "__version__",
+    "default_tuner",
     "evaluate",
     "evaluate_population",
     "examples",
@@ -83,6 +87,7 @@ __all__ = [
     "predict",
     "set_threads",
     "tensor",
+    "tune",
 ]
 
 

@@ -18,6 +18,8 @@ use pyo3::exceptions::{PyException, PyKeyError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+mod tune;
+
 create_exception!(
     _hyperfunc,
     HyperfuncError,
@@ -145,13 +147,15 @@ fn to_json(v: &Bound<'_, PyAny>) -> PyResult<Json> {
     )))
 }
 
-fn from_json<'py>(py: Python<'py>, v: &Json) -> PyResult<Bound<'py, PyAny>> {
+/// JSON as Python values (integers stay exact, u64 call ids included).
+pub(crate) fn from_json<'py>(py: Python<'py>, v: &Json) -> PyResult<Bound<'py, PyAny>> {
     Ok(match v {
         Json::Null => py.None().into_bound(py),
         Json::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
-        Json::Number(n) => match n.as_i64() {
-            Some(i) => i.into_pyobject(py)?.into_any(),
-            None => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
         },
         Json::String(s) => PyString::new(py, s).into_any(),
         Json::Array(a) => {
@@ -1641,6 +1645,10 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(llm, m)?)?;
     m.add_function(wrap_pyfunction!(predict, m)?)?;
     m.add_function(wrap_pyfunction!(optimize_prompts, m)?)?;
+    m.add_class::<tune::PyTuneCore>()?;
+    m.add_class::<tune::PyTuneSpec>()?;
+    m.add_class::<tune::PyPendingCall>()?;
+    m.add_class::<tune::PyOutcome>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -158,16 +158,37 @@ impl Sqlite {
                 None => Connection::open_in_memory().map_err(&map)?,
             };
             conn.busy_timeout(BUSY_TIMEOUT).map_err(&map)?;
-            if path.is_some() {
-                let _mode: String = conn
-                    .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-                    .map_err(&map)?;
-                conn.execute_batch("PRAGMA synchronous = NORMAL")
-                    .map_err(&map)?;
+            let setup = |conn: &Connection| -> rusqlite::Result<()> {
+                if path.is_some() {
+                    let _mode: String =
+                        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+                    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+                }
+                // IMMEDIATE: two processes creating the schema at once queue instead of racing.
+                conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            };
+            // On a fresh file (still in rollback-journal mode) two connections switching it to
+            // WAL while one creates the schema can deadlock on their locks; SQLite then answers
+            // SQLITE_BUSY at once instead of calling the busy handler. Back off and retry until
+            // the busy timeout.
+            let start = std::time::Instant::now();
+            let mut attempt = 0u32;
+            loop {
+                match setup(&conn) {
+                    Ok(()) => break,
+                    Err(e)
+                        if matches!(
+                            e.sqlite_error_code(),
+                            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                        ) && start.elapsed() < BUSY_TIMEOUT =>
+                    {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        std::thread::sleep(std::time::Duration::from_millis(2 << attempt.min(6)));
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(map(e)),
+                }
             }
-            // IMMEDIATE: two processes creating the schema at once queue instead of racing.
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
-                .map_err(&map)?;
             conn.set_prepared_statement_cache_capacity(32);
             Ok(conn)
         })

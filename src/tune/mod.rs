@@ -486,6 +486,7 @@ impl Tuner {
             policy: None,
             objective: None,
             caller: Location::caller(),
+            site: None,
         }
     }
 
@@ -805,6 +806,8 @@ pub struct TuneCall {
     policy: Option<Policy>,
     objective: Option<Objective>,
     caller: &'static Location<'static>,
+    /// A call site given explicitly (bindings: the caller in the host language).
+    site: Option<Arc<str>>,
 }
 
 impl fmt::Debug for TuneCall {
@@ -861,6 +864,13 @@ impl TuneCall {
     /// The call site that `Tuner::tune` captured.
     pub fn caller(&self) -> &'static Location<'static> {
         self.caller
+    }
+
+    /// Records `site` as the call site instead of the Rust location `Tuner::tune` captured — for
+    /// bindings whose caller lives in another language (Python passes `file:function:line`).
+    pub fn call_site(mut self, site: impl Into<Arc<str>>) -> Self {
+        self.site = Some(site.into());
+        self
     }
 
     fn config_error(&self, reason: String) -> Error {
@@ -1009,7 +1019,10 @@ impl TuneCall {
         let failed = error.is_some();
         let (id, wake) = {
             let mut st = self.tuner.state();
-            let caller = st.caller(self.caller);
+            let caller = match &self.site {
+                Some(site) => site.clone(),
+                None => st.caller(self.caller),
+            };
             let id = (u64::from(st.instance) << 32) | u64::from(st.counter);
             st.counter = st.counter.wrapping_add(1);
             let seq = st.flushed + st.rows.len() as u64;

@@ -562,6 +562,19 @@ fn the_call_site_is_recorded() {
         "{}",
         calls[0].caller
     );
+    // A binding names its own caller (Python: file:function:line).
+    block_on(
+        tuner
+            .tune("site")
+            .choices(["a"])
+            .call_site("app.py:classify:12")
+            .run(|_| async { Ok::<_, Error>(()) }),
+    )
+    .unwrap();
+    assert_eq!(
+        tuner.calls(Some("site")).unwrap()[1].caller,
+        "app.py:classify:12"
+    );
 }
 
 #[test]
