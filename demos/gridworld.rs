@@ -2,7 +2,7 @@
 //! held-out ones have different seeds, hence different start and goal cells. Prints one JSON line
 //! with the success rate and mean steps on the held-out episodes before and after training.
 
-use hyperfunc::agents::{episode_metric, episodes, mean_reward, Game, GridWorld};
+use hyperfunc::agents::{episode_metric, episodes, mean_reward, success_rate, Game, GridWorld};
 use hyperfunc::prelude::*;
 
 const SIZE: usize = 5;
@@ -14,13 +14,7 @@ async fn score(
     theta: &Theta,
     held_out: &Examples,
 ) -> anyhow::Result<(f32, f32)> {
-    let success = evaluate(
-        game,
-        theta,
-        held_out,
-        &episode_metric(|r| f32::from(u8::from(r.terminated))),
-    )
-    .await?;
+    let success = evaluate(game, theta, held_out, &success_rate()).await?;
     let steps = evaluate(game, theta, held_out, &episode_metric(|r| r.steps as f32)).await?;
     Ok((success, steps))
 }
@@ -28,12 +22,7 @@ async fn score(
 /// Trains the policy and returns the demo's JSON summary.
 pub async fn run() -> anyhow::Result<serde_json::Value> {
     // Observation (goal offset + four blocked flags) → 16 tanh units → 4 action scores (argmax).
-    let policy = Chain::new(vec![HyperFn::mlp(
-        "policy",
-        &[GridWorld::OBSERVATION_SIZE, 16, 4],
-        Activation::Tanh,
-        Activation::Identity,
-    )]);
+    let policy = GridWorld::mlp_policy(16);
     let game = Game::new(policy, |_| Ok(GridWorld::new(SIZE)));
     let train = episodes(0..64, MAX_STEPS)?;
     let held_out = episodes(10_000..10_200, MAX_STEPS)?;

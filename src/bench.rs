@@ -521,12 +521,7 @@ pub async fn observe_cost(data: &TaskBData, min_secs: f64) -> Result<ObserveCost
 /// GridWorld episodes per second for `pop` random MLP policies × `episodes` episodes.
 pub async fn gridworld(pop: usize, episodes: usize, reps: usize) -> Result<GridWorldBench> {
     use crate::agents::{self, Game, GridWorld};
-    let policy = Chain::new(vec![HyperFn::mlp(
-        "policy",
-        &[GridWorld::OBSERVATION_SIZE, 16, 4],
-        Activation::Tanh,
-        Activation::Identity,
-    )]);
+    let policy = GridWorld::mlp_policy(16);
     let game = Game::new(policy, |_| Ok(GridWorld::new(5)));
     let data = agents::episodes(0..episodes as u64, 20)?;
     let es = Es::default().pop_size(pop).seed(11);

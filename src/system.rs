@@ -192,7 +192,7 @@ struct State {
     failed: Vec<bool>,
     first_error: Option<Error>,
     /// Cells (candidate-major, `P × N`) whose async calls run; `None`: all of them.
-    active: Option<Arc<Vec<bool>>>,
+    active: Option<Arc<[bool]>>,
     /// Set by an agent loop: the chunk's call sequence repeats a data-dependent number of times.
     looped: bool,
 }
@@ -268,8 +268,8 @@ impl Cx {
     /// Restricts async calls to the cells (candidate-major `P × N` flags) still running, as an
     /// agent loop does once some episodes or conversations have ended: a call for an inactive
     /// cell is not made and yields `null`. `None` makes every cell active again.
-    pub(crate) fn set_active(&self, active: Option<Vec<bool>>) {
-        lock(&self.state).active = active.map(Arc::new);
+    pub(crate) fn set_active(&self, active: Option<Arc<[bool]>>) {
+        lock(&self.state).active = active;
     }
 
     /// Marks this chunk's calls as the body of a loop whose length depends on the data (see
@@ -575,14 +575,7 @@ impl Cx {
         let results: Vec<Result<Json>> = futures::stream::iter(0..jobs)
             .map(|j| {
                 let (cand, ex) = (j / n.max(1), j % n.max(1));
-                let skip = Self::skipped(
-                    active.as_deref().map(Vec::as_slice),
-                    self.pc,
-                    n,
-                    cand,
-                    ex,
-                    out_batched,
-                );
+                let skip = Self::skipped(active.as_deref(), self.pc, n, cand, ex, out_batched);
                 let item = if in_batched {
                     items[j].clone()
                 } else {

@@ -404,7 +404,7 @@ impl<S: HyperSystem> Chat<S> {
         let n = convs.len();
         let longest = convs.iter().map(Conversation::turns).max().unwrap_or(0);
         for t in 0..longest {
-            let active: Vec<bool> = cells
+            let active: std::sync::Arc<[bool]> = cells
                 .iter()
                 .enumerate()
                 .map(|(i, c)| !c.done && !c.failed && t < convs[i % n].turns())
@@ -414,7 +414,7 @@ impl<S: HyperSystem> Chat<S> {
             }
             let contexts: Vec<String> = match &self.memory {
                 Some((memory, _)) => {
-                    try_join_all(cells.iter().zip(&active).enumerate().map(
+                    try_join_all(cells.iter().zip(active.iter()).enumerate().map(
                         |(i, (c, &on))| async move {
                             if on {
                                 self.context(memory, c, &convs[i % n].messages[t]).await
@@ -443,7 +443,7 @@ impl<S: HyperSystem> Chat<S> {
                     })
                 })
                 .collect();
-            cx.set_active(Some(active.clone()));
+            cx.set_active(Some(std::sync::Arc::clone(&active)));
             let out = self
                 .system
                 .run(cx, Value::json_grid(items, true, None))

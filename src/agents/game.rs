@@ -267,7 +267,7 @@ where
         cx.mark_loop();
         let longest = eps.iter().map(|e| e.max_steps).max().unwrap_or(0);
         for t in 0..longest {
-            let active: Vec<bool> = cells
+            let active: std::sync::Arc<[bool]> = cells
                 .iter()
                 .enumerate()
                 .map(|(i, c)| !c.done() && t < eps[i % n].max_steps)
@@ -275,7 +275,7 @@ where
             if !active.iter().any(|&a| a) {
                 break;
             }
-            cx.set_active(Some(active.clone()));
+            cx.set_active(Some(std::sync::Arc::clone(&active)));
             let obs = if self.json_obs {
                 let items = cells.iter().map(|c| serde_json::json!(c.obs)).collect();
                 Value::json_grid(items, true, None)
@@ -290,7 +290,7 @@ where
             };
             let out = self.policy.run(cx, obs).await?;
             let actions = decode_actions(&out, space, pc, n, &active)?;
-            for ((cell, action), &on) in cells.iter_mut().zip(actions).zip(&active) {
+            for ((cell, action), &on) in cells.iter_mut().zip(actions).zip(active.iter()) {
                 let (Some(action), true) = (action, on) else {
                     continue;
                 };

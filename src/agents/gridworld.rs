@@ -39,6 +39,24 @@ impl GridWorld {
     /// Length of an observation.
     pub const OBSERVATION_SIZE: usize = 6;
 
+    /// The usual policy for this environment: an MLP named `policy` from the observation through
+    /// `hidden` tanh units to the four action scores (the runner takes their argmax).
+    ///
+    /// # Examples
+    /// ```
+    /// use hyperfunc::agents::GridWorld;
+    /// use hyperfunc::HyperSystem;
+    /// assert_eq!(GridWorld::mlp_policy(16).hyperfunctions().len(), 1);
+    /// ```
+    pub fn mlp_policy(hidden: usize) -> crate::Chain {
+        crate::Chain::new(vec![crate::HyperFn::mlp(
+            "policy",
+            &[Self::OBSERVATION_SIZE, hidden, 4],
+            crate::Activation::Tanh,
+            crate::Activation::Identity,
+        )])
+    }
+
     /// An open `size × size` grid (at least 2).
     pub fn new(size: usize) -> Self {
         Self {

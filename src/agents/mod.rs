@@ -26,13 +26,8 @@
 //! use hyperfunc::agents::{episodes, mean_reward, Game, GridWorld};
 //! use hyperfunc::prelude::*;
 //!
-//! let policy = Chain::new(vec![HyperFn::mlp(
-//!     "policy",
-//!     &[GridWorld::OBSERVATION_SIZE, 16, 4],
-//!     Activation::Tanh,
-//!     Activation::Identity,
-//! )]);
-//! let game = Game::new(policy, |_| Ok(GridWorld::new(5)));
+//! // Observation → 16 tanh units → 4 action scores (an MLP hyperfunction named `policy`).
+//! let game = Game::new(GridWorld::mlp_policy(16), |_| Ok(GridWorld::new(5)));
 //! let train = episodes(0..8, 20)?;
 //! # tokio::runtime::Runtime::new()?.block_on(async {
 //! let report = Es::default().pop_size(16).generations(2).seed(1).maximize()

@@ -249,12 +249,7 @@ async fn bad_episodes_and_bad_actions_are_typed_errors() {
 
 #[tokio::test]
 async fn gridworld_policy_learns_to_reach_held_out_goals() {
-    let policy = Chain::new(vec![HyperFn::mlp(
-        "policy",
-        &[GridWorld::OBSERVATION_SIZE, 16, 4],
-        Activation::Tanh,
-        Activation::Identity,
-    )]);
+    let policy = GridWorld::mlp_policy(16);
     let game = Game::new(policy, |_| Ok(GridWorld::new(5)));
     let train = episodes(0..64, 20).unwrap();
     let held_out = episodes(5_000..5_100, 20).unwrap();
