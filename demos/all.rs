@@ -4,6 +4,8 @@
 mod affine;
 #[path = "chat_memory.rs"]
 mod chat_memory;
+#[path = "cost.rs"]
+mod cost;
 #[path = "gridworld.rs"]
 mod gridworld;
 #[path = "lm_params.rs"]
@@ -24,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", lm_params::run().await?);
     println!("{}", gridworld::run().await?);
     println!("{}", chat_memory::run().await?);
+    println!("{}", cost::run().await?);
     #[cfg(feature = "llm")]
     println!("{}", prompt_qa::run().await?);
     Ok(())

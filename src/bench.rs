@@ -261,6 +261,73 @@ pub struct TuneBench {
     pub ns_per_call_p99: f64,
     /// Regret against the best fixed choice in the 5-arm simulations.
     pub regret: crate::tune::sim::RegretReport,
+    /// Two tuners (two connections, as two processes would have) updating one file.
+    pub shared_store: SharedStoreBench,
+    /// The cost ledger: writes, `cost report` from the rollups, an ad-hoc group-by.
+    pub ledger: LedgerBench,
+}
+
+/// Two writers on one tune store file.
+#[derive(Clone, Debug, Serialize)]
+pub struct SharedStoreBench {
+    /// Writers (each its own `Tuner` and SQLite connection on the same file).
+    pub writers: usize,
+    /// Tuned calls with a reward per writer.
+    pub updates_per_writer: usize,
+    /// Calls missing from the file afterwards (must be 0).
+    pub lost: u64,
+    /// Updates per second, all writers together, until both flushed.
+    pub updates_per_sec: f64,
+}
+
+/// The cost ledger on a temporary file.
+#[derive(Clone, Debug, Serialize)]
+pub struct LedgerBench {
+    /// Metered calls stored.
+    pub calls: usize,
+    /// Calls recorded and written per second (queued on the caller, written in batches).
+    pub records_per_sec: f64,
+    /// Median ms of `cost_report` by caller over all calls (from the rollups).
+    pub report_ms: f64,
+    /// Median ms of an ad-hoc group-by (caller × endpoint) over the per-call rows.
+    pub adhoc_ms: f64,
+}
+
+/// Autotune: what a cache hit costs `optimize`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AutotuneBench {
+    /// Median ms of the lookup `optimize` does (system fingerprint + record read) on a hit.
+    pub hit_ms: f64,
+    /// The same on a miss (an empty cache directory).
+    pub miss_ms: f64,
+}
+
+/// Times the record lookup on a hit and a miss (a record saved in a temporary directory).
+fn autotune_bench() -> Result<AutotuneBench> {
+    use crate::autotune::{tensor, Mode, Store, SystemProfile};
+    let dir = std::env::temp_dir().join(format!("hyperfunc-bench-autotune-{}", std::process::id()));
+    let store = Store::at(&dir);
+    let probe = tensor::MlpProbe::new(&[16, 8, 4], 32, 32, None)?;
+    let mut opts = tensor::Options::new(Mode::Quick);
+    opts.budget = Some(std::time::Duration::from_millis(300));
+    opts.min_sample = std::time::Duration::from_millis(1);
+    let record = tensor::tune(&probe, &opts)?;
+    let key = tensor::Probe::key(&probe);
+    let time = |store: &Store| {
+        let mut v = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let fp = SystemProfile::detect().fingerprint();
+            std::hint::black_box(store.lookup(&key, &fp));
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        median(v)
+    };
+    let miss_ms = time(&store);
+    store.save(&record, true)?;
+    let hit_ms = time(&store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(AutotuneBench { hit_ms, miss_ms })
 }
 
 /// The whole report, as `hyperfunc bench --json` prints it.
@@ -282,6 +349,8 @@ pub struct BenchReport {
     pub memory: crate::memory::MemoryBench,
     /// Tuned calls: overhead and regret.
     pub tune: TuneBench,
+    /// Autotune lookups.
+    pub autotune: AutotuneBench,
     /// Whether this was a `--quick` run.
     pub quick: bool,
     /// Total seconds.
@@ -612,11 +681,151 @@ pub async fn tune_bench(quick: bool) -> Result<TuneBench> {
         .map_err(|e| {
             crate::Error::config("bench", format!("the regret simulation panicked: {e}"))
         })??;
+    let shared_store = tokio::task::spawn_blocking(move || shared_store_bench(quick))
+        .await
+        .map_err(|e| {
+            crate::Error::config("bench", format!("the store benchmark panicked: {e}"))
+        })??;
+    let ledger = tokio::task::spawn_blocking(move || ledger_bench(quick))
+        .await
+        .map_err(|e| {
+            crate::Error::config("bench", format!("the ledger benchmark panicked: {e}"))
+        })??;
     Ok(TuneBench {
         calls,
         ns_per_call_p50: median(ns),
         ns_per_call_p99: p99,
         regret,
+        shared_store,
+        ledger,
+    })
+}
+
+fn temp_db(name: &str) -> (std::path::PathBuf, impl Fn()) {
+    let path = std::env::temp_dir().join(format!(
+        "hyperfunc-bench-{name}-{}.sqlite",
+        std::process::id()
+    ));
+    let p = path.clone();
+    let cleanup = move || {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+        }
+    };
+    cleanup();
+    (path, cleanup)
+}
+
+/// Two tuners on one file, 10 000 rewarded calls each (2 000 when quick).
+fn shared_store_bench(quick: bool) -> Result<SharedStoreBench> {
+    use crate::tune::Tuner;
+    let (path, cleanup) = temp_db("tune-shared");
+    let n = if quick { 2_000 } else { 10_000 };
+    drop(Tuner::open(&path)?);
+    let t = Instant::now();
+    let out: Result<()> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u64)
+            .map(|w| {
+                let path = &path;
+                s.spawn(move || -> Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .map_err(|e| crate::Error::config("bench", e.to_string()))?;
+                    let tuner = Tuner::open(path)?.seed(w).batch_size(512);
+                    rt.block_on(async {
+                        for _ in 0..n {
+                            let (_, o) = tuner
+                                .tune("shared")
+                                .choices(["a", "b", "c"])
+                                .run(|c| async move { Ok::<_, crate::Error>(c.index()) })
+                                .await?;
+                            o.reward(1.0)?;
+                        }
+                        Ok::<(), crate::Error>(())
+                    })?;
+                    tuner.flush()
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| crate::Error::config("bench", "a writer panicked"))??;
+        }
+        Ok(())
+    });
+    out?;
+    let secs = t.elapsed().as_secs_f64();
+    let report = Tuner::open(&path)?.report(Some("shared"))?;
+    let stored: u64 = report
+        .groups
+        .iter()
+        .flat_map(|g| &g.choices)
+        .map(|c| c.calls)
+        .sum();
+    cleanup();
+    Ok(SharedStoreBench {
+        writers: 2,
+        updates_per_writer: n,
+        lost: (2 * n as u64).saturating_sub(stored),
+        updates_per_sec: (2 * n) as f64 / secs.max(1e-9),
+    })
+}
+
+/// 1 000 000 metered calls (20 000 when quick) over 50 callers, 5 endpoints, 20 labels and
+/// 100 users; then `cost report` by caller and an ad-hoc group-by over the raw rows.
+fn ledger_bench(quick: bool) -> Result<LedgerBench> {
+    use crate::tune::{CostDim, Ledger, Meter, MeterPrice};
+    let (path, cleanup) = temp_db("ledger");
+    let calls = if quick { 20_000 } else { 1_000_000 };
+    let ledger = Ledger::open(&path)?;
+    let meters: Vec<Meter> = (0..5)
+        .map(|e| {
+            MeterPrice::per_call_usd(0.0001 * (e + 1) as f64)
+                .map(|p| Meter::new(&ledger, &format!("endpoint-{e}"), p))
+        })
+        .collect::<Result<_>>()?;
+    let callers: Vec<String> = (0..50)
+        .map(|c| format!("src/caller_{c}.rs:{}", 10 + c))
+        .collect();
+    let labels: Vec<String> = (0..20).map(|l| format!("label-{l}")).collect();
+    let users: Vec<String> = (0..100).map(|u| format!("user-{u}")).collect();
+    let t = Instant::now();
+    for i in 0..calls {
+        meters[i % 5]
+            .charge()
+            .call_site(&callers[(i * 7) % 50])
+            .label(&labels[(i * 3) % 20])
+            .user(&users[(i * 13) % 100])
+            .record()?;
+    }
+    ledger.flush()?;
+    let records_per_sec = calls as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let mut report = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = ledger.cost_report(&[CostDim::Caller], None)?;
+        report.push(t.elapsed().as_secs_f64() * 1e3);
+        if r.total_calls != calls as u64 {
+            return Err(crate::Error::config(
+                "bench",
+                format!("the ledger lost calls: {} of {calls}", r.total_calls),
+            ));
+        }
+    }
+    let mut adhoc = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        ledger.cost_by_calls(&[CostDim::Caller, CostDim::Endpoint], None)?;
+        adhoc.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(meters);
+    drop(ledger);
+    cleanup();
+    Ok(LedgerBench {
+        calls,
+        records_per_sec,
+        report_ms: median(report),
+        adhoc_ms: median(adhoc),
     })
 }
 
@@ -649,6 +858,11 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let gridworld = gridworld(256, 16, if cfg.quick { 1 } else { 5 }).await?;
     let memory = memory_bench(cfg.quick)?;
     let tune = tune_bench(cfg.quick).await?;
+    let autotune = tokio::task::spawn_blocking(autotune_bench)
+        .await
+        .map_err(|e| {
+            crate::Error::config("bench", format!("the autotune benchmark panicked: {e}"))
+        })??;
     Ok(BenchReport {
         machine: machine(),
         peak_gflops: peak,
@@ -658,6 +872,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         gridworld,
         memory,
         tune,
+        autotune,
         quick: cfg.quick,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -714,6 +929,17 @@ pub fn render(r: &BenchReport) -> String {
         t.ns_per_call_p50, t.ns_per_call_p99
     ));
     s.push_str(&format!(
+        "Two tuners on one file: {} × {} updates, {} lost, {:.0} updates/s\n",
+        t.shared_store.writers,
+        t.shared_store.updates_per_writer,
+        t.shared_store.lost,
+        t.shared_store.updates_per_sec
+    ));
+    s.push_str(&format!(
+        "Cost ledger: {} calls at {:.0} records/s; cost report {:.1} ms, ad-hoc group-by {:.1} ms\n",
+        t.ledger.calls, t.ledger.records_per_sec, t.ledger.report_ms, t.ledger.adhoc_ms
+    ));
+    s.push_str(&format!(
         "Regret vs the best fixed choice ({} calls, mean of {} seeds):\n",
         t.regret.calls, t.regret.seeds
     ));
@@ -725,6 +951,10 @@ pub fn render(r: &BenchReport) -> String {
             .collect();
         s.push_str(&format!("  {:<9} {}\n", sc.scenario, row.join(", ")));
     }
+    s.push_str(&format!(
+        "\nAutotune lookup in optimize: hit {:.2} ms, miss {:.2} ms\n",
+        r.autotune.hit_ms, r.autotune.miss_ms
+    ));
     s.push_str(&format!(
         "\n{:.1} s{}\n",
         r.seconds,

@@ -286,6 +286,15 @@ pub enum Error {
         /// What SQLite reported and what to do.
         reason: String,
     },
+
+    /// A price or a price table is wrong (negative, not finite, unparsable date, unknown model).
+    #[error("price {what}: {reason}")]
+    Price {
+        /// The model, endpoint or table entry.
+        what: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
 }
 
 impl Error {

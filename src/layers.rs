@@ -234,17 +234,33 @@ pub(crate) fn linear(
     Ok(Act { t, batched })
 }
 
-/// Floats of GEMM output a worker keeps in cache per tile (`HYPERFUNC_TILE_FLOATS`, default
-/// 128 Ki floats = 512 KiB).
+/// The default tile: 128 Ki floats = 512 KiB.
+pub(crate) const DEFAULT_TILE_FLOATS: usize = 128 * 1024;
+
+/// A tile size set at run time (0: none).
+static TILE_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Floats of GEMM output a worker keeps in cache per tile: the autotuned value in use, else
+/// `HYPERFUNC_TILE_FLOATS`, else [`DEFAULT_TILE_FLOATS`].
 fn tile_floats() -> usize {
     static TILE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *TILE.get_or_init(|| {
-        std::env::var("HYPERFUNC_TILE_FLOATS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v: &usize| v > 0)
-            .unwrap_or(128 * 1024)
-    })
+    match TILE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => *TILE.get_or_init(|| {
+            std::env::var("HYPERFUNC_TILE_FLOATS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .unwrap_or(DEFAULT_TILE_FLOATS)
+        }),
+        n => n,
+    }
+}
+
+/// Sets the tile size for the whole process (`None`: back to the environment or default);
+/// returns the previous override. Results do not depend on it, only speed.
+pub(crate) fn set_tile_floats(n: Option<usize>) -> Option<usize> {
+    let prev = TILE_OVERRIDE.swap(n.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    (prev != 0).then_some(prev)
 }
 
 fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {

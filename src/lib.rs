@@ -36,6 +36,7 @@
 #![deny(missing_docs)]
 
 pub mod agents;
+pub mod autotune;
 pub mod bench;
 mod data;
 mod error;

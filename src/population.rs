@@ -143,6 +143,24 @@ impl Population {
         }
     }
 
+    /// The parameters' names, shapes and perturbation kinds (`s` shared, `d` dense, `rN`
+    /// rank N), for autotune shape keys.
+    pub(crate) fn shape_signature(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, t) in self.base.iter() {
+            let dims: Vec<String> = t.dims().iter().map(ToString::to_string).collect();
+            let kind = match self.perturb.get(name) {
+                None => "s".to_string(),
+                Some(Perturbation::LowRank { a, .. }) => {
+                    format!("r{}", a.dims().last().copied().unwrap_or(0))
+                }
+                Some(_) => "d".to_string(),
+            };
+            parts.push(format!("{name}:{}:{kind}", dims.join("x")));
+        }
+        parts.join(",")
+    }
+
     /// Number of candidates.
     pub fn size(&self) -> usize {
         self.size

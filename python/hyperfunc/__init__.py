@@ -50,6 +50,7 @@ from ._hyperfunc import (
     set_threads,
     tensor,
 )
+from ._ledger import Ledger, Meter
 from ._tune import Outcome, Tuner, default_tuner, tune
 
 __all__ = [
@@ -64,8 +65,10 @@ __all__ = [
     "HyperfuncError",
     "Hub",
     "Linear",
+    "Ledger",
     "LlmClient",
     "LmParams",
+    "Meter",
     "Mlp",
     "Outcome",
     "ParamSpec",

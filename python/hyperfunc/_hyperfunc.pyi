@@ -201,8 +201,18 @@ class LlmClient:
         *,
         system: Optional[str] = None,
         temperature: Optional[float] = None,
-    ) -> str: ...
+        label: Optional[str] = None,
+        run: Optional[str] = None,
+        user: Optional[str] = None,
+    ) -> str:
+        """One chat completion; returns the text. With a ledger attached the call is recorded
+        against the Python caller (``file:function:line``), ``label``, ``run`` and ``user``."""
     def stats(self) -> Dict[str, Any]: ...
+    def attach_ledger(self, ledger: Any) -> None:
+        """Records every call from now on in ``ledger`` (a ``hyperfunc.Ledger``): prompt,
+        answer, token classes, latency, micro-dollars and caller. A non-ledger raises
+        ``TypeError``."""
+        ...
 
 def llm(
     name: str,
@@ -336,3 +346,110 @@ class TuneCore:
     def report(self, label: Optional[str] = None) -> Dict[str, Any]: ...
     def report_table(self, label: Optional[str] = None) -> str: ...
     def calls(self, label: Optional[str] = None) -> List[Dict[str, Any]]: ...
+
+# The cost ledger (python/src/ledger.rs); the public classes are hyperfunc.Ledger and
+# hyperfunc.Meter (hyperfunc/_ledger.py).
+
+_Since = Union[None, str, int]
+
+class MeterCore:
+    """The native half of ``hyperfunc.Meter``: one paid endpoint and its price."""
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint's name."""
+        ...
+    def charge(
+        self,
+        site: Tuple[str, str],
+        line: int,
+        label: Optional[str] = None,
+        run: Optional[str] = None,
+        user: Optional[str] = None,
+        model: Optional[str] = None,
+        units: Optional[float] = None,
+        usd: Optional[float] = None,
+        call_site: Optional[str] = None,
+    ) -> int:
+        """Records one call made at ``site`` (``(file, function)``) line ``line`` (or at
+        ``call_site``); returns the micro-dollars charged. Bad units or ``usd`` raise
+        ``ConfigError``."""
+        ...
+
+class LedgerCore:
+    """The native half of ``hyperfunc.Ledger``: one ledger file (SQLite) or ``":memory:"``.
+    A file that is not a SQLite database raises ``ConfigError`` and is left untouched."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def path(self) -> str:
+        """The file."""
+        ...
+    def meter(
+        self,
+        endpoint: str,
+        *,
+        per_call: Optional[float] = None,
+        per_unit: Optional[Tuple[str, float]] = None,
+        from_response: bool = False,
+    ) -> MeterCore:
+        """A meter priced by exactly one of ``per_call`` (dollars), ``per_unit``
+        (``(unit, dollars)``) or ``from_response=True``; a bad price raises ``ConfigError``."""
+        ...
+    def flush(self) -> None:
+        """Waits until everything recorded so far is written (GIL released)."""
+        ...
+    def set_prices(self, prices: Any) -> None:
+        """Prices LLM calls with this table from now on (JSON text, entry dicts or a path)."""
+        ...
+    def prices(self) -> List[Dict[str, Any]]:
+        """The current LLM price table's entries."""
+        ...
+    def cost_report(
+        self, by: Union[str, List[str]], since: _Since = None, per_call: bool = False
+    ) -> Dict[str, Any]:
+        """``{"by", "since", "rows": [{"key", "calls", "units", "micros"}], "total_calls",
+        "total_micros"}``; an unknown dimension raises ``ConfigError``."""
+        ...
+    def cost_table(
+        self, by: Union[str, List[str]], since: _Since = None, per_call: bool = False
+    ) -> str:
+        """The cost report as a Markdown table."""
+        ...
+    def reprice(self, prices: Any, since: _Since = None) -> Tuple[int, int, int]:
+        """Re-prices stored LLM calls: ``(calls, micros_before, micros_after)``."""
+        ...
+    def llm_calls(self, since: _Since = None) -> List[Dict[str, Any]]:
+        """Stored LLM calls, oldest first."""
+        ...
+    def llm_report(
+        self,
+        since: _Since = None,
+        min_cacheable_tokens: int = 1024,
+        cache_lifetime_s: float = 300.0,
+        top: int = 10,
+    ) -> Dict[str, Any]:
+        """The LLM report as a dict."""
+        ...
+    def llm_report_markdown(
+        self,
+        since: _Since = None,
+        min_cacheable_tokens: int = 1024,
+        cache_lifetime_s: float = 300.0,
+        top: int = 10,
+    ) -> str:
+        """The LLM report as Markdown."""
+        ...
+    def compare(self, before: str, after: str, label: Optional[str] = None) -> Dict[str, Any]:
+        """Compares two windows (``run:ID``, ``FROM..TO`` or a span) of LLM calls."""
+        ...
+    def compare_table(self, before: str, after: str, label: Optional[str] = None) -> str:
+        """``compare`` as a Markdown table."""
+        ...
+    def quality(self, call_id: int, quality: float) -> None:
+        """Records the quality of a stored LLM call; a non-finite value or an unknown call
+        raises ``ConfigError``."""
+        ...
+    def attach(self, hub: Hub) -> None:
+        """Sends every ``observe`` record of ``hub`` to this ledger from now on."""
+        ...

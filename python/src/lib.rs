@@ -18,6 +18,7 @@ use pyo3::exceptions::{PyException, PyKeyError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+mod ledger;
 mod tune;
 
 create_exception!(
@@ -1087,8 +1088,11 @@ impl PyLlm {
             .map_err(llm_err)
     }
 
-    /// One chat completion (the GIL is released while it runs); returns the text.
-    #[pyo3(signature = (model, prompt, *, system=None, temperature=None))]
+    /// One chat completion (the GIL is released while it runs); returns the text. With a
+    /// ledger attached the call is recorded against the Python caller (`file:function:line`),
+    /// `label`, `run` and `user`.
+    #[pyo3(signature = (model, prompt, *, system=None, temperature=None, label=None, run=None, user=None))]
+    #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
         py: Python<'_>,
@@ -1096,8 +1100,28 @@ impl PyLlm {
         prompt: &str,
         system: Option<&str>,
         temperature: Option<f32>,
+        label: Option<&str>,
+        run: Option<&str>,
+        user: Option<&str>,
     ) -> PyResult<String> {
         let mut req = ChatRequest::new(model);
+        // The calling Python frame (this method has none of its own).
+        if let Ok(frame) = py.import("sys")?.call_method1("_getframe", (0,)) {
+            let code = frame.getattr("f_code")?;
+            let file: String = code.getattr("co_filename")?.extract()?;
+            let func: String = code.getattr("co_name")?.extract()?;
+            let line: u32 = frame.getattr("f_lineno")?.extract()?;
+            req = req.caller(&format!("{file}:{func}:{line}"));
+        }
+        if let Some(l) = label {
+            req = req.label(l);
+        }
+        if let Some(r) = run {
+            req = req.run(r);
+        }
+        if let Some(u) = user {
+            req = req.user_tag(u);
+        }
         if let Some(s) = system {
             req = req.system(s);
         }
@@ -1111,6 +1135,13 @@ impl PyLlm {
             Ok(r) => r.map(|r| r.text).map_err(llm_err),
             Err(e) => Err(HyperfuncError::new_err(e.to_string())),
         }
+    }
+
+    /// Records every call from now on in `ledger` (a `hyperfunc.Ledger`): prompt, answer,
+    /// token classes, latency, micro-dollars and caller; see `Ledger.llm_report`.
+    fn attach_ledger(&self, ledger: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.0.attach_ledger(&ledger::ledger_of(ledger)?);
+        Ok(())
     }
 
     /// Everything the client counted (calls, requests, cache hits, retries, tokens, cost), as a
@@ -1649,6 +1680,8 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tune::PyTuneSpec>()?;
     m.add_class::<tune::PyPendingCall>()?;
     m.add_class::<tune::PyOutcome>()?;
+    m.add_class::<ledger::PyLedgerCore>()?;
+    m.add_class::<ledger::PyMeterCore>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

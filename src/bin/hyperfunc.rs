@@ -69,6 +69,277 @@ enum Command {
         #[command(subcommand)]
         command: TuneCommand,
     },
+    /// Measures this machine and saves the fastest tensor settings per problem shape;
+    /// `optimize` picks them up. Without a subcommand: `tensor` on the benchmark MLP.
+    Autotune {
+        #[command(subcommand)]
+        command: Option<AutotuneCommand>,
+        #[command(flatten)]
+        args: TensorArgs,
+    },
+    /// Who spends what where: costs recorded in a ledger (`hyperfunc::tune::Ledger`).
+    Cost {
+        #[command(subcommand)]
+        command: CostCommand,
+    },
+    /// The stored LLM calls of a ledger: costly operations, fragments, cache candidates and
+    /// breakers, observations; before/after comparisons.
+    Llm {
+        #[command(subcommand)]
+        command: LlmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AutotuneCommand {
+    /// Tune the tile size and rows per batch of a population evaluation.
+    Tensor {
+        #[command(flatten)]
+        args: TensorArgs,
+    },
+    /// The saved records (all, or those whose key starts with KEY).
+    Show {
+        /// Key prefix.
+        key: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes saved records (all, or those whose key starts with KEY).
+    Clear {
+        /// Key prefix.
+        key: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct TensorArgs {
+    /// MLP layer sizes, comma-separated (default: the benchmark's 64,32,10).
+    #[arg(long)]
+    mlp: Option<String>,
+    /// Population sizes, comma-separated.
+    #[arg(long, default_value = "256")]
+    pop: String,
+    /// Examples per evaluation.
+    #[arg(long, default_value_t = 256)]
+    rows: usize,
+    /// Low-rank noise of this rank (dense when absent).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// About 20 s per shape (default).
+    #[arg(long, conflicts_with_all = ["normal", "full"])]
+    quick: bool,
+    /// About a minute per shape.
+    #[arg(long, conflicts_with = "full")]
+    normal: bool,
+    /// Every candidate, minutes per shape.
+    #[arg(long)]
+    full: bool,
+    /// Wall-clock budget per shape (`90s`, `2m`), overriding the mode's.
+    #[arg(long)]
+    budget: Option<String>,
+    /// Do not save the result.
+    #[arg(long)]
+    no_save: bool,
+    /// Also write it to ./hyperfunc.autotune.json (to check in).
+    #[arg(long)]
+    project: bool,
+    /// Save even a low-confidence result.
+    #[arg(long)]
+    force: bool,
+    /// Print the records as JSON instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+fn autotune_tensor(a: &TensorArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use hyperfunc::autotune::{tensor, Mode, Store, SystemProfile};
+    let sizes: Vec<usize> = a
+        .mlp
+        .as_deref()
+        .unwrap_or("64,32,10")
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--mlp: {e}; write sizes like 64,32,10"))?;
+    let pops: Vec<usize> = a
+        .pop
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--pop: {e}; write sizes like 64,256"))?;
+    let mode = if a.full {
+        Mode::Full
+    } else if a.normal {
+        Mode::Normal
+    } else {
+        Mode::Quick
+    };
+    let mut opts = tensor::Options::new(mode);
+    if let Some(b) = &a.budget {
+        opts.budget = Some(std::time::Duration::from_secs(
+            hyperfunc::tune::parse_span(b)?.max(1) as u64,
+        ));
+    }
+    let store = Store::default_location();
+    let profile = SystemProfile::detect();
+    if !a.json {
+        println!("{}", profile.to_markdown());
+    }
+    let mut records = Vec::new();
+    for pop in pops {
+        let probe = tensor::MlpProbe::new(&sizes, pop, a.rows, a.rank)?;
+        eprintln!(
+            "autotune: {} ({mode:?}, budget {:?})",
+            hyperfunc::autotune::tensor::Probe::key(&probe),
+            opts.budget.unwrap_or(mode.budget())
+        );
+        let r = tensor::tune(&probe, &opts)?;
+        if !a.json {
+            println!("{}", r.to_markdown());
+        }
+        if !a.no_save {
+            match store.save(&r, a.force) {
+                Ok(p) => eprintln!("saved {}", p.display()),
+                Err(e) => eprintln!("not saved: {e}"),
+            }
+            if a.project {
+                eprintln!("saved {}", store.save_project(&r)?.display());
+            }
+        }
+        records.push(r);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&records)?);
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum CostCommand {
+    /// Spend per caller, endpoint, model, label, run, user or day, from the rollups.
+    Report {
+        /// The ledger file.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// Dimensions, comma-separated: caller, endpoint, model, label, run, user, day.
+        #[arg(long, default_value = "caller")]
+        by: String,
+        /// Only the last span (`30d`, `12h`, `2w`) or from a date (`2026-11-01`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also draw a bar chart of the top groups (`.svg` or `.png`).
+        #[arg(long)]
+        chart: Option<std::path::PathBuf>,
+        /// Groups in the chart.
+        #[arg(long, default_value_t = 15)]
+        top: usize,
+    },
+    /// Re-prices the stored LLM calls with a JSON price table
+    /// (`[{"model", "from": "YYYY-MM-DD", "input", "output", "cache_read"?, "cache_write"?}]`,
+    /// dollars per million tokens) and rebuilds the rollups.
+    Reprice {
+        /// The ledger file.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// The price table.
+        #[arg(long)]
+        prices: std::path::PathBuf,
+        /// Only calls from this span or date on.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LlmCommand {
+    /// Costly operations, latency bottlenecks, frequent fragments, cache candidates and
+    /// breakers, unused and unexpected fragments, observations.
+    Report {
+        /// The ledger file.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// Only the last span (`30d`, `12h`) or from a date.
+        #[arg(long)]
+        since: Option<String>,
+        /// The provider's minimum cacheable prefix, tokens.
+        #[arg(long, default_value_t = 1024)]
+        min_cacheable: u64,
+        /// The provider's cache lifetime, seconds.
+        #[arg(long, default_value_t = 300.0)]
+        cache_lifetime: f64,
+        /// JSON price table for the cache saving estimate.
+        #[arg(long)]
+        prices: Option<std::path::PathBuf>,
+        /// Print one JSON document instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens, dollars, latency and quality per call between two windows, with 95% intervals.
+    /// A window is `run:ID`, `FROM..TO` (dates) or a span back from now (`24h`).
+    Compare {
+        /// The ledger file.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// The window before the change.
+        before: String,
+        /// The window after it.
+        after: String,
+        /// Only this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An offline judge pass over stored answers of several models to the same prompts:
+    /// pairwise in both orders, points extracted and matched, unique catches validated; a
+    /// per-model ranking with bootstrap intervals and cost per point. The judge is reached
+    /// through `OPENAI_BASE_URL` / `OPENAI_API_KEY`; judgements are cached in the ledger file, so
+    /// an interrupted pass resumes.
+    #[cfg(feature = "llm")]
+    Judge {
+        /// The ledger file.
+        #[arg(long)]
+        store: std::path::PathBuf,
+        /// The judge model.
+        #[arg(long)]
+        judge_model: String,
+        /// Only answers from this span or date on.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only prompts answered by at least this many models.
+        #[arg(long, default_value_t = 2)]
+        min_models: usize,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `30d` → now − 30 days; `2026-11-01` → that day.
+fn since(s: Option<&str>) -> Result<Option<i64>, hyperfunc::Error> {
+    s.map(|s| match hyperfunc::tune::parse_span(s) {
+        Ok(span) => Ok(now() - span),
+        Err(_) => hyperfunc::tune::parse_time(s),
+    })
+    .transpose()
+}
+
+fn ledger(store: &std::path::Path) -> Result<hyperfunc::tune::Ledger, Box<dyn std::error::Error>> {
+    if !store.exists() {
+        return Err(format!("no ledger at {}", store.display()).into());
+    }
+    Ok(hyperfunc::tune::Ledger::open(store)?)
 }
 
 #[derive(Subcommand)]
@@ -202,6 +473,176 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 print!("{}", report.to_table());
             }
         }
+        Command::Autotune { command, args } => match command {
+            None => autotune_tensor(&args)?,
+            Some(AutotuneCommand::Tensor { args }) => autotune_tensor(&args)?,
+            Some(AutotuneCommand::Show { key, json }) => {
+                let store = hyperfunc::autotune::Store::default_location();
+                let records: Vec<_> = store
+                    .list()
+                    .into_iter()
+                    .filter(|r| r.key.starts_with(key.as_deref().unwrap_or("")))
+                    .collect();
+                if json {
+                    println!("{}", serde_json::to_string(&records)?);
+                } else if records.is_empty() {
+                    println!("no autotune records in {}", store.dir.display());
+                } else {
+                    for r in &records {
+                        println!("{}", r.to_markdown());
+                    }
+                }
+            }
+            Some(AutotuneCommand::Clear { key }) => {
+                let store = hyperfunc::autotune::Store::default_location();
+                let n = store.clear(key.as_deref().unwrap_or(""))?;
+                println!("removed {n} records from {}", store.dir.display());
+            }
+        },
+        Command::Cost {
+            command:
+                CostCommand::Report {
+                    store,
+                    by,
+                    since: from,
+                    json,
+                    chart,
+                    top,
+                },
+        } => {
+            let dims = by
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(hyperfunc::tune::CostDim::parse)
+                .collect::<Result<Vec<_>, _>>()?;
+            let report = ledger(&store)?.cost_report(&dims, since(from.as_deref())?)?;
+            if let Some(path) = chart {
+                draw_chart(&path, &report, top)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+        }
+        Command::Cost {
+            command:
+                CostCommand::Reprice {
+                    store,
+                    prices,
+                    since: from,
+                },
+        } => {
+            let table = hyperfunc::tune::PriceTable::load(&prices)?;
+            let (n, before, after) = ledger(&store)?.reprice(&table, since(from.as_deref())?)?;
+            println!(
+                "re-priced {n} calls: ${:.6} → ${:.6}",
+                hyperfunc::tune::micros_to_usd(before),
+                hyperfunc::tune::micros_to_usd(after)
+            );
+        }
+        Command::Llm {
+            command:
+                LlmCommand::Report {
+                    store,
+                    since: from,
+                    min_cacheable,
+                    cache_lifetime,
+                    prices,
+                    json,
+                },
+        } => {
+            let l = ledger(&store)?;
+            if let Some(p) = prices {
+                l.set_prices(hyperfunc::tune::PriceTable::load(&p)?);
+            }
+            let report = l.llm_report(&hyperfunc::tune::LlmReportOptions {
+                since: since(from.as_deref())?,
+                min_cacheable_tokens: min_cacheable,
+                cache_lifetime_s: cache_lifetime,
+                ..Default::default()
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_markdown());
+            }
+        }
+        #[cfg(feature = "llm")]
+        Command::Llm {
+            command:
+                LlmCommand::Judge {
+                    store,
+                    judge_model,
+                    since: from,
+                    min_models,
+                    json,
+                },
+        } => {
+            let items = ledger(&store)?.judge_items(since(from.as_deref())?, min_models)?;
+            if items.is_empty() {
+                return Err(format!(
+                    "no prompt in {} was answered by {min_models} models or more",
+                    store.display()
+                )
+                .into());
+            }
+            let client = hyperfunc::llm::LlmClient::new(hyperfunc::llm::LlmConfig::from_env()?)?;
+            let pass = hyperfunc::tune::judge::JudgePass::new(client, &judge_model, &store)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(pass.run(&items))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+        }
+        Command::Llm {
+            command:
+                LlmCommand::Compare {
+                    store,
+                    before,
+                    after,
+                    label,
+                    json,
+                },
+        } => {
+            let w = |s: &str| hyperfunc::tune::Window::parse(s, now());
+            let cmp = ledger(&store)?.compare(&w(&before)?, &w(&after)?, label.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&cmp)?);
+            } else {
+                print!("{}", cmp.to_table());
+            }
+        }
     }
     Ok(())
+}
+
+#[cfg(feature = "plot")]
+fn draw_chart(
+    path: &std::path::Path,
+    report: &hyperfunc::tune::CostReport,
+    top: usize,
+) -> Result<(), hyperfunc::Error> {
+    use hyperfunc::tune::chart::{bar_chart, Bar};
+    let bars: Vec<Bar> = report
+        .bars(top)
+        .into_iter()
+        .map(|(label, value)| Bar { label, value })
+        .collect();
+    let title = format!("Spend by {}", report.by.join(" / "));
+    bar_chart(path, &title, "USD", &bars)
+}
+
+#[cfg(not(feature = "plot"))]
+fn draw_chart(
+    _path: &std::path::Path,
+    _report: &hyperfunc::tune::CostReport,
+    _top: usize,
+) -> Result<(), hyperfunc::Error> {
+    Err(hyperfunc::Error::InvalidConfig {
+        field: "chart".into(),
+        reason: "this build has no charts: rebuild with the `plot` feature".into(),
+    })
 }

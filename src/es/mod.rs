@@ -183,6 +183,9 @@ pub struct Report {
     pub seconds: f64,
     /// The records of the run: one per call, per generation and for the run.
     pub trace: Hub,
+    /// The autotuned settings the run used (`key: settings`), or why it dropped them; `None`
+    /// when none applied.
+    pub autotune: Option<String>,
 }
 
 /// OpenAI-ES with EGGROLL-style low-rank noise where a parameter asks for it.
@@ -225,6 +228,7 @@ pub struct Es {
     target: Option<f32>,
     antithetic: bool,
     max_batch_size: usize,
+    autotune: bool,
     max_failure_rate: f64,
     progress: bool,
     device: Device,
@@ -251,6 +255,7 @@ impl Default for Es {
             target: None,
             antithetic: true,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            autotune: true,
             max_failure_rate: 1.0,
             progress: true,
             device: Device::Cpu,
@@ -296,8 +301,12 @@ impl Es {
         lr_schedule: Schedule);
     setter!(/// Antithetic (mirrored) sampling; on by default.
         antithetic: bool);
-    setter!(/// Most candidate × example rows per batched forward.
+    setter!(/// Most candidate × example rows per batched forward (setting it turns the autotuned
+        /// value off).
         max_batch_size: usize);
+    setter!(/// Use autotuned tensor settings saved by `hyperfunc autotune` for this problem's
+        /// shape on this machine (on by default; `HYPERFUNC_AUTOTUNE=0` also turns it off).
+        autotune: bool);
     setter!(/// Fraction of failed candidates above which a generation aborts the run (1.0: only when all fail).
         max_failure_rate: f64);
     setter!(/// Shows a progress bar when stderr is a terminal (on by default).
@@ -450,6 +459,8 @@ impl Es {
         let mut since_improved = 0;
         let mut stop = StopReason::Generations;
         let mut stop_detail = None;
+        let mut tuned = TunedUse::default();
+        let mut max_batch_size = self.max_batch_size;
 
         for g in 0..self.generations {
             if let Some(why) = self.raised() {
@@ -457,6 +468,12 @@ impl Es {
                 break;
             }
             let pop = run.ask_shared()?;
+            if g == 0 {
+                tuned = TunedUse::look_up(self, &pop, examples.len());
+                if let Some(r) = &tuned.record {
+                    max_batch_size = r.settings.max_batch_size;
+                }
+            }
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
             let trace = Trace {
                 hub: Some(hub.clone()),
@@ -470,11 +487,21 @@ impl Es {
                 pop.clone(),
                 examples,
                 metric,
-                self.max_batch_size,
+                max_batch_size,
                 trace,
             )
-            .await?;
+            .await;
+            let eval = match eval {
+                Ok(e) => e,
+                Err(e) => {
+                    tuned.restore();
+                    return Err(e);
+                }
+            };
             let eval_s = t0.elapsed().as_secs_f64();
+            if g == 2 && tuned.check(p * examples.len(), eval_s) {
+                max_batch_size = self.max_batch_size;
+            }
             if let Some(why) = self.raised() {
                 // Calls refused for a spent budget fail: a generation with failures is not
                 // learned from. A complete one is kept and the loop stops before the next.
@@ -598,6 +625,7 @@ impl Es {
             ("es.seed".into(), self.seed.into()),
         ];
         hub.push(rec);
+        let autotune = tuned.restore();
         Ok(Report {
             theta,
             final_fitness,
@@ -607,6 +635,7 @@ impl Es {
             stop_detail,
             seconds: start.elapsed().as_secs_f64(),
             trace: hub,
+            autotune,
         })
     }
 
@@ -871,4 +900,82 @@ fn noise_sums(
             Ok((name.clone(), sum))
         })
         .collect()
+}
+
+/// Autotuned settings in use during one `optimize`.
+#[derive(Default)]
+struct TunedUse {
+    record: Option<crate::autotune::Record>,
+    store: Option<crate::autotune::Store>,
+    prev_tile: Option<usize>,
+    note: Option<String>,
+}
+
+impl TunedUse {
+    /// The record for this population on this machine, applied (tile size set), if autotune is
+    /// on, the batch size was not set explicitly and θ lives on the CPU.
+    fn look_up(es: &Es, pop: &crate::Population, rows: usize) -> Self {
+        let off = std::env::var("HYPERFUNC_AUTOTUNE").is_ok_and(|v| v == "0" || v == "off");
+        if !es.autotune
+            || off
+            || es.max_batch_size != DEFAULT_MAX_BATCH_SIZE
+            || !matches!(es.device, Device::Cpu)
+        {
+            return Self::default();
+        }
+        let key = crate::autotune::tensor::ShapeKey::of(pop, rows);
+        let store = crate::autotune::Store::default_location();
+        let fingerprint = crate::autotune::SystemProfile::detect().fingerprint();
+        let Some(record) = store.lookup(&key, &fingerprint) else {
+            return Self::default();
+        };
+        let prev_tile = crate::layers::set_tile_floats(Some(record.settings.tile_floats));
+        let note = Some(format!(
+            "{}: {} (tuned for {})",
+            key, record.settings, record.key
+        ));
+        tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
+        Self {
+            record: Some(record),
+            store: Some(store),
+            prev_tile,
+            note,
+        }
+    }
+
+    /// After a timed generation: a record 20% slower than it promised is marked stale and
+    /// dropped (true: fall back to the defaults).
+    fn check(&mut self, evals: usize, eval_s: f64) -> bool {
+        let Some(r) = &self.record else {
+            return false;
+        };
+        let rate = evals as f64 / eval_s.max(1e-9);
+        if rate >= 0.8 * r.evals_per_sec {
+            return false;
+        }
+        let why = format!(
+            "{}: autotuned settings ran at {:.0} evals/s, {:.0}% below the {:.0} recorded; \
+             marked stale, back to the defaults",
+            r.key,
+            rate,
+            100.0 * (1.0 - rate / r.evals_per_sec),
+            r.evals_per_sec
+        );
+        eprintln!("warning: {why}");
+        if let Some(store) = &self.store {
+            let _ = store.mark_stale(&r.key, &r.fingerprint);
+        }
+        crate::layers::set_tile_floats(self.prev_tile.take());
+        self.record = None;
+        self.note = Some(why);
+        true
+    }
+
+    /// Puts the tile size back; the note for the report.
+    fn restore(&mut self) -> Option<String> {
+        if self.record.take().is_some() {
+            crate::layers::set_tile_floats(self.prev_tile.take());
+        }
+        self.note.take()
+    }
 }

@@ -106,7 +106,7 @@ impl Price {
     /// ```
     /// use hyperfunc::llm::{Price, Usage};
     /// let p = Price::new(1.0, 4.0).cached(0.5);
-    /// let u = Usage { input_tokens: 1_000_000, output_tokens: 500_000, cached_input_tokens: 200_000 };
+    /// let u = Usage { input_tokens: 1_000_000, output_tokens: 500_000, cached_input_tokens: 200_000, reasoning_tokens: 0 };
     /// // 800k uncached × $1 + 200k cached × $0.5 + 500k out × $4
     /// assert!((p.cost(&u) - (0.8 + 0.1 + 2.0)).abs() < 1e-12);
     /// ```

@@ -218,15 +218,68 @@ pub struct ChatRequest {
     /// Per-attempt timeout for this request (the endpoint's when `None`).
     #[serde(skip)]
     pub timeout: Option<Duration>,
+    /// Where the request was built (`file:line`, captured by [`ChatRequest::new`]), for the
+    /// ledger's cost attribution.
+    #[serde(skip)]
+    pub caller: Option<String>,
+    /// The optimisation run, for the ledger.
+    #[serde(skip)]
+    pub run: Option<String>,
+    /// A user or customer tag, for the ledger.
+    #[serde(skip)]
+    pub user: Option<String>,
+    /// The fragments the messages were built from, in the order sent (role, fragment).
+    #[serde(skip)]
+    pub fragments: Vec<(Role, crate::tune::Fragment)>,
 }
 
 impl ChatRequest {
-    /// An empty request for `model`.
+    /// An empty request for `model`; the caller (`file:line` of this call) is recorded for
+    /// cost attribution.
+    #[track_caller]
     pub fn new(model: &str) -> Self {
+        let at = std::panic::Location::caller();
         Self {
             model: model.into(),
+            caller: Some(format!("{}:{}", at.file(), at.line())),
             ..Self::default()
         }
+    }
+
+    /// Records `site` as the caller instead of where the request was built.
+    pub fn caller(mut self, site: &str) -> Self {
+        self.caller = Some(site.into());
+        self
+    }
+
+    /// Attributes the call to an optimisation run in the ledger.
+    pub fn run(mut self, run: &str) -> Self {
+        self.run = Some(run.into());
+        self
+    }
+
+    /// Attributes the call to a user or customer in the ledger.
+    pub fn user_tag(mut self, user: &str) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Appends a system message assembled from `prompt`'s fragments (stable ones first) and
+    /// records them for the ledger.
+    pub fn system_prompt(self, prompt: &crate::tune::Prompt) -> Self {
+        self.prompt_message(Role::System, prompt)
+    }
+
+    /// Appends a user message assembled from `prompt`'s fragments and records them.
+    pub fn user_prompt(self, prompt: &crate::tune::Prompt) -> Self {
+        self.prompt_message(Role::User, prompt)
+    }
+
+    fn prompt_message(mut self, role: Role, prompt: &crate::tune::Prompt) -> Self {
+        for f in prompt.fragments() {
+            self.fragments.push((role, f.clone()));
+        }
+        self.message(role, prompt.text())
     }
 
     /// Appends a message.
@@ -382,6 +435,8 @@ pub struct Usage {
     pub output_tokens: u64,
     /// Prompt tokens the provider served from its prompt cache.
     pub cached_input_tokens: u64,
+    /// Completion tokens spent on reasoning (included in `output_tokens`).
+    pub reasoning_tokens: u64,
 }
 
 /// A chat completion.
@@ -513,6 +568,24 @@ pub enum RaceEntry {
     },
     /// Still running when another won: cancelled (its request was dropped).
     Cancelled,
+    /// Never launched: a valid answer came before its hedge delay ran out.
+    NotLaunched,
+}
+
+/// One entrant of a race: what happened, how long it ran and what it cost.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entrant {
+    /// The model.
+    pub model: String,
+    /// What happened.
+    pub entry: RaceEntry,
+    /// Seconds from its launch to its answer (or to its cancellation); `None` if never launched.
+    pub latency_s: Option<f64>,
+    /// Dollars: its usage for an answer; for a cancelled call an estimate (the prompt tokens at
+    /// the input price), since the provider bills what it read.
+    pub cost_usd: f64,
+    /// Whether `cost_usd` is an estimate.
+    pub cost_estimated: bool,
 }
 
 /// The result of [`LlmClient::race`].
@@ -522,8 +595,8 @@ pub struct RaceOutcome {
     pub winner: String,
     /// Its answer.
     pub response: ChatResponse,
-    /// Every entrant, in the order given.
-    pub entrants: Vec<(String, RaceEntry)>,
+    /// Every entrant, in the order given (launch order).
+    pub entrants: Vec<Entrant>,
 }
 
 /// A non-2xx answer, passed from the HTTP service up through async-openai.
@@ -562,6 +635,7 @@ struct Inner {
     stop: StopSignal,
     names: Mutex<HashMap<String, usize>>,
     provider: String,
+    ledger: std::sync::RwLock<Option<crate::tune::Ledger>>,
 }
 
 /// A cheap-to-clone handle on the configured endpoints, limiters, cache and statistics.
@@ -653,6 +727,7 @@ impl LlmClient {
             stop: StopSignal::new(),
             names: Mutex::default(),
             provider,
+            ledger: std::sync::RwLock::new(None),
         })))
     }
 
@@ -719,26 +794,173 @@ impl LlmClient {
             .unwrap_or(&self.0.endpoints[0])
     }
 
+    /// Records every call from now on in `ledger`: prompt, fragments, answer, token classes,
+    /// latency, micro-dollars (from the ledger's price table, else the configured price) and the
+    /// caller. Cache hits are recorded at zero cost with source `cache`.
+    pub fn attach_ledger(&self, ledger: &crate::tune::Ledger) {
+        *self.0.ledger.write().unwrap_or_else(|p| p.into_inner()) = Some(ledger.clone());
+    }
+
+    pub(crate) fn ledger(&self) -> Option<crate::tune::Ledger> {
+        self.0
+            .ledger
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Sends one chat completion (cache, limiter, retries, usage and cost included).
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let started = crate::tune::now_s();
+        let t0 = std::time::Instant::now();
+        let out = self.chat_inner(&req).await;
+        if let Some(ledger) = self.ledger() {
+            let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let source = match &out {
+                Ok(r) if r.cached => "cache",
+                _ => "provider",
+            };
+            self.record(
+                &ledger,
+                &req,
+                out.as_ref(),
+                started,
+                latency_ms,
+                source,
+                false,
+            );
+        }
+        out
+    }
+
+    /// Queues `req`'s record in `ledger` (errors are logged: the ledger never fails a call).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record(
+        &self,
+        ledger: &crate::tune::Ledger,
+        req: &ChatRequest,
+        out: Result<&ChatResponse, &LlmError>,
+        started: f64,
+        latency_ms: f64,
+        source: &'static str,
+        estimated: bool,
+    ) -> i64 {
+        let model = self.model(&req.model);
+        let endpoint = self.endpoint(&model).cfg.name.clone();
+        let (mut system, mut prompt) = (String::new(), String::new());
+        for m in &req.messages {
+            let target = if m.role == Role::System {
+                &mut system
+            } else {
+                &mut prompt
+            };
+            if !target.is_empty() {
+                target.push_str("\n\n");
+            }
+            target.push_str(&m.content);
+        }
+        let mut options = serde_json::to_value(req).unwrap_or_default();
+        if let Some(o) = options.as_object_mut() {
+            o.remove("messages");
+            o.remove("model");
+            o.retain(|_, v| {
+                !(v.is_null() || v == &Json::Bool(false) || v == &serde_json::json!([]))
+            });
+        }
+        let (usage, response, error) = match out {
+            Ok(r) => (
+                crate::tune::TokenUsage::from_usage(&r.usage),
+                r.text.clone(),
+                None,
+            ),
+            Err(e) => (
+                crate::tune::TokenUsage::default(),
+                String::new(),
+                Some(e.error_type()),
+            ),
+        };
+        let usage = if estimated {
+            // A cancelled call: the provider has read the prompt; nothing else is known.
+            crate::tune::TokenUsage {
+                input: u64::from(
+                    req.naive_tokens()
+                        .saturating_sub(req.max_tokens.unwrap_or(256)),
+                ),
+                ..Default::default()
+            }
+        } else {
+            usage
+        };
+        let client_price = model.price.and_then(|p| {
+            let m = crate::tune::ModelPrice::per_mtok(p.input_per_mtok, p.output_per_mtok).ok()?;
+            m.cache_read(p.cached_input_per_mtok.unwrap_or(p.input_per_mtok))
+                .ok()
+        });
+        let id = ledger.next_id();
+        let row = crate::tune::LlmRow {
+            cost: crate::tune::CostRow {
+                id,
+                ts: started,
+                kind: "llm",
+                who: crate::tune::Attribution {
+                    caller: req.caller.clone().unwrap_or_default(),
+                    label: req.label.clone().unwrap_or_default(),
+                    run: req.run.clone().unwrap_or_default(),
+                    user: req.user.clone().unwrap_or_default(),
+                },
+                endpoint,
+                model: req.model.clone(),
+                units: 0.0,
+                micros: 0,
+                estimated,
+            },
+            system,
+            prompt,
+            response,
+            options: options.to_string(),
+            usage,
+            latency_ms,
+            source,
+            error,
+            fragments: req
+                .fragments
+                .iter()
+                .map(|(role, f)| {
+                    let role = match role {
+                        Role::System => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    };
+                    (role, f.clone())
+                })
+                .collect(),
+            client_price,
+        };
+        if let Err(e) = ledger.record_llm(row) {
+            tracing::warn!(error = %e, "ledger record failed");
+        }
+        id
+    }
+
+    async fn chat_inner(&self, req: &ChatRequest) -> Result<ChatResponse, LlmError> {
         req.validate()?;
-        self.bump(&req, |c| c.calls += 1);
+        self.bump(req, |c| c.calls += 1);
         let out = match (&self.0.cache, req.is_cacheable()) {
             (Some(cache), true) => {
-                let key = Cache::key(&serde_json::to_value(&req).unwrap_or_default());
+                let key = Cache::key(&serde_json::to_value(req).unwrap_or_default());
                 let lock = cache.lock_key(&key);
                 let _held = lock.lock().await;
                 match cache.get(&key)? {
                     Some(mut hit) => {
-                        self.bump(&req, |c| c.cache_hits += 1);
+                        self.bump(req, |c| c.cache_hits += 1);
                         hit.cached = true;
                         hit.cost_usd = 0.0;
                         hit.attempts = 0;
                         Ok(hit)
                     }
                     None => {
-                        self.bump(&req, |c| c.cache_misses += 1);
-                        let r = self.send(&req).await;
+                        self.bump(req, |c| c.cache_misses += 1);
+                        let r = self.send(req).await;
                         if let Ok(resp) = &r {
                             cache.put(&key, &req.model, resp)?;
                         }
@@ -746,10 +968,10 @@ impl LlmClient {
                     }
                 }
             }
-            _ => self.send(&req).await,
+            _ => self.send(req).await,
         };
         if out.is_err() {
-            self.bump(&req, |c| c.errors += 1);
+            self.bump(req, |c| c.errors += 1);
         }
         out
     }
@@ -916,6 +1138,11 @@ impl LlmClient {
                 .as_ref()
                 .and_then(|d| d.cached_tokens)
                 .map_or(0, u64::from),
+            reasoning_tokens: u
+                .completion_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens)
+                .map_or(0, u64::from),
         });
         let cost = model.price.map_or(0.0, |p| p.cost(&usage));
         let finish_reasons = resp
@@ -984,6 +1211,7 @@ impl LlmClient {
                             input_tokens: u64::from(u.prompt_tokens),
                             output_tokens: u64::from(u.completion_tokens),
                             cached_input_tokens: 0,
+                            reasoning_tokens: 0,
                         };
                         let cost = price.map_or(0.0, |p| p.cost(&usage));
                         client.bump(&req, |s| {
@@ -1016,65 +1244,166 @@ impl LlmClient {
         label: &str,
         valid: impl Fn(&ChatResponse) -> bool,
     ) -> Result<RaceOutcome, LlmError> {
-        if models.is_empty() {
-            return Err(LlmError::InvalidRequest(
-                "race needs at least one model".into(),
-            ));
-        }
-        let mut entrants: Vec<(String, RaceEntry)> = models
+        let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
+        let (res, entrants) = self
+            .race_hedged(&models, request, label, &valid, None)
+            .await;
+        res.map(|(winner, response)| RaceOutcome {
+            winner,
+            response,
+            entrants,
+        })
+    }
+
+    /// The race behind [`LlmClient::race`] and tuned races: models launch in order, the next
+    /// one when `hedge` has passed without a valid answer or when every running one has ended
+    /// without one (all at once when `hedge` is `None`).
+    pub(crate) async fn race_hedged(
+        &self,
+        models: &[String],
+        request: ChatRequest,
+        label: &str,
+        valid: &(impl Fn(&ChatResponse) -> bool + ?Sized),
+        hedge: Option<Duration>,
+    ) -> (Result<(String, ChatResponse), LlmError>, Vec<Entrant>) {
+        let mut entrants: Vec<Entrant> = models
             .iter()
-            .map(|m| (m.to_string(), RaceEntry::Cancelled))
-            .collect();
-        let mut running: FuturesUnordered<_> = models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let mut r = request.clone();
-                r.model = m.to_string();
-                r.label = Some(label.to_string());
-                async move { (i, self.chat(r).await) }
+            .map(|m| Entrant {
+                model: m.clone(),
+                entry: RaceEntry::NotLaunched,
+                latency_s: None,
+                cost_usd: 0.0,
+                cost_estimated: false,
             })
             .collect();
-        while let Some((i, res)) = running.next().await {
-            match res {
-                Ok(resp) if valid(&resp) => {
-                    entrants[i].1 = RaceEntry::Won {
-                        cost_usd: resp.cost_usd,
-                    };
-                    drop(running);
-                    let winner = entrants[i].0.clone();
-                    *self
-                        .acc()
-                        .stats
-                        .race_wins
-                        .entry(label.to_string())
-                        .or_default()
-                        .entry(winner.clone())
-                        .or_default() += 1;
-                    return Ok(RaceOutcome {
-                        winner,
-                        response: resp,
-                        entrants,
-                    });
-                }
-                Ok(resp) => {
-                    entrants[i].1 = RaceEntry::Invalid {
-                        cost_usd: resp.cost_usd,
+        if models.is_empty() {
+            return (
+                Err(LlmError::InvalidRequest(
+                    "race needs at least one model".into(),
+                )),
+                entrants,
+            );
+        }
+        let requests: Vec<ChatRequest> = models
+            .iter()
+            .map(|m| {
+                let mut r = request.clone();
+                r.model = m.clone();
+                r.label = Some(label.to_string());
+                r
+            })
+            .collect();
+        let started: Vec<std::cell::Cell<Option<(f64, std::time::Instant)>>> =
+            models.iter().map(|_| std::cell::Cell::new(None)).collect();
+        let mut running = FuturesUnordered::new();
+        let mut next = 0usize;
+        let launch = |i: usize| {
+            started[i].set(Some((crate::tune::now_s(), std::time::Instant::now())));
+            let r = requests[i].clone();
+            async move { (i, self.chat(r).await) }
+        };
+        let won = loop {
+            // Launch: everything at once without a hedge, else the next when nothing runs.
+            while next < models.len() && (hedge.is_none() || running.is_empty()) {
+                running.push(launch(next));
+                next += 1;
+            }
+            let step = match hedge {
+                Some(d) if next < models.len() => {
+                    match tokio::time::timeout(d, running.next()).await {
+                        Ok(x) => x,
+                        Err(_) => {
+                            running.push(launch(next));
+                            next += 1;
+                            continue;
+                        }
                     }
                 }
-                Err(e) => {
-                    entrants[i].1 = RaceEntry::Failed {
-                        error: e.to_string(),
+                _ => running.next().await,
+            };
+            let Some((i, res)) = step else { break None };
+            let e = &mut entrants[i];
+            e.latency_s = started[i].get().map(|(_, t)| t.elapsed().as_secs_f64());
+            match res {
+                Ok(resp) if valid(&resp) => {
+                    e.entry = RaceEntry::Won {
+                        cost_usd: resp.cost_usd,
+                    };
+                    e.cost_usd = resp.cost_usd;
+                    break Some((i, resp));
+                }
+                Ok(resp) => {
+                    e.entry = RaceEntry::Invalid {
+                        cost_usd: resp.cost_usd,
+                    };
+                    e.cost_usd = resp.cost_usd;
+                }
+                Err(err) => {
+                    e.entry = RaceEntry::Failed {
+                        error: err.to_string(),
                     }
                 }
             }
+        };
+        drop(running);
+        // The ones still running were cancelled: record their estimated cost.
+        let ledger = self.ledger();
+        for (i, e) in entrants.iter_mut().enumerate() {
+            let Some((t_start, t0)) = started[i].get() else {
+                continue;
+            };
+            if e.latency_s.is_some() {
+                continue;
+            }
+            let latency = t0.elapsed().as_secs_f64();
+            e.entry = RaceEntry::Cancelled;
+            e.latency_s = Some(latency);
+            e.cost_estimated = true;
+            let model = self.model(&requests[i].model);
+            let prompt_tokens = u64::from(
+                requests[i]
+                    .naive_tokens()
+                    .saturating_sub(requests[i].max_tokens.unwrap_or(256)),
+            );
+            e.cost_usd = model
+                .price
+                .map_or(0.0, |p| p.input_per_mtok * prompt_tokens as f64 / 1e6);
+            if let Some(l) = &ledger {
+                let err = LlmError::InvalidRequest("cancelled by a race".into());
+                self.record(
+                    l,
+                    &requests[i],
+                    Err(&err),
+                    t_start,
+                    latency * 1e3,
+                    "cancelled",
+                    true,
+                );
+            }
         }
-        Err(LlmError::RaceLost {
-            errors: entrants
-                .iter()
-                .map(|(m, e)| format!("{m}: {e:?}"))
-                .collect(),
-        })
+        match won {
+            Some((i, resp)) => {
+                let winner = models[i].clone();
+                *self
+                    .acc()
+                    .stats
+                    .race_wins
+                    .entry(label.to_string())
+                    .or_default()
+                    .entry(winner.clone())
+                    .or_default() += 1;
+                (Ok((winner, resp)), entrants)
+            }
+            None => (
+                Err(LlmError::RaceLost {
+                    errors: entrants
+                        .iter()
+                        .map(|e| format!("{}: {:?}", e.model, e.entry))
+                        .collect(),
+                }),
+                entrants,
+            ),
+        }
     }
 }
 

@@ -243,7 +243,6 @@ impl Hub {
     }
 
     /// Hands every record pushed from now on (sampled out or not) to `sink`.
-    #[cfg(feature = "otlp")]
     pub(crate) fn add_sink(&self, sink: Sink) {
         lock(&self.0.state).sinks.push(sink);
     }

@@ -46,7 +46,17 @@
 //! # }).unwrap();
 //! ```
 
+mod analysis;
+#[cfg(feature = "plot")]
+pub mod chart;
+mod cost;
+mod fragment;
+#[cfg(feature = "llm")]
+pub mod judge;
+mod ledger;
 mod policy;
+#[cfg(feature = "llm")]
+mod race;
 mod report;
 pub mod sim;
 mod stats;
@@ -67,7 +77,22 @@ use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 
+pub use analysis::{
+    CacheBreaker, CacheCandidate, Comparison, Delta, FragmentUse, LlmReport, LlmReportOptions,
+    ObservationRate, Operation, UnexpectedFragment, Window,
+};
+pub use cost::{
+    format_day, micros_to_usd, parse_span, parse_time, usd_to_micros, MeterPrice, Micros,
+    ModelPrice, PriceEntry, PriceTable, TokenUsage,
+};
+pub(crate) use fragment::content_hash as content_hash_hex;
+pub use fragment::{Fragment, Prompt};
+#[cfg(feature = "llm")]
+pub(crate) use ledger::{now_s, CostRow, LlmRow};
+pub use ledger::{Attribution, Charge, CostDim, CostLine, CostReport, Ledger, LlmCall, Meter};
 pub use policy::{Objective, Policy, RewardKind};
+#[cfg(feature = "llm")]
+pub use race::{RaceOptions, TunedRace};
 pub use report::{CallRecord, ChoiceReport, GroupReport, TuneReport};
 pub use stats::ChangeDetection;
 
@@ -823,7 +848,7 @@ impl fmt::Debug for TuneCall {
 }
 
 /// One decision, before the closure runs.
-struct Decision {
+pub(crate) struct Decision {
     group: usize,
     arm: usize,
     choice: Choice,
@@ -881,6 +906,20 @@ impl TuneCall {
     }
 
     fn decide(&self) -> Result<Decision> {
+        let mut one = None;
+        self.decide_with(1, |d| one = Some(d))?;
+        one.ok_or_else(|| self.config_error("no choice could be made".into()))
+    }
+
+    /// Up to `k` different choices, in the policy's order of preference: each next one is
+    /// picked by the policy among those left (its probability is conditional on that).
+    pub(crate) fn decide_k(&self, k: usize) -> Result<Vec<Decision>> {
+        let mut v = Vec::with_capacity(k);
+        self.decide_with(k, |d| v.push(d))?;
+        Ok(v)
+    }
+
+    fn decide_with(&self, k: usize, mut push: impl FnMut(Decision)) -> Result<()> {
         const DEFAULT: [&str; 1] = ["default"];
         let choices: &[String] = match &self.choices {
             Some(c) if c.is_empty() => {
@@ -958,39 +997,77 @@ impl TuneCall {
         } else {
             None
         };
-        let (pos, probability) = match pos {
-            Some(pos) => (pos, policy::Prob::Known(Some(1.0))),
-            None => {
-                let binary = match st.cfg.kind {
-                    RewardKind::Binary => true,
-                    RewardKind::Continuous => false,
-                    RewardKind::Auto => group
-                        .arms
-                        .iter()
-                        .all(|a| a.stats.total.nonbinary <= 0.0 && a.prior.nonbinary <= 0.0),
-                };
-                let views: Vec<ArmView> = arms.iter().map(|&i| group.arms[i].view()).collect();
-                policy::select_deferred(
-                    &policy,
-                    &objective,
-                    binary,
-                    views,
-                    st.cfg.draws,
-                    &mut st.rng,
-                )
-            }
+        let binary = match st.cfg.kind {
+            RewardKind::Binary => true,
+            RewardKind::Continuous => false,
+            RewardKind::Auto => group
+                .arms
+                .iter()
+                .all(|a| a.stats.total.nonbinary <= 0.0 && a.prior.nonbinary <= 0.0),
         };
-        let arm = st.groups[gid].last[pos];
-        Ok(Decision {
-            group: gid,
-            arm,
-            choice: Choice {
-                name: st.groups[gid].arms[arm].name.clone(),
-                index: pos,
-            },
-            probability,
-            policy: policy.short_name(),
-        })
+        // The hot path (one choice): no bookkeeping of the choices left.
+        let mut first = None;
+        let rest: Vec<(usize, policy::Prob)> = if k <= 1 {
+            first = Some(match pos {
+                Some(pos) => (pos, policy::Prob::Known(Some(1.0))),
+                None => {
+                    let views: Vec<ArmView> = arms.iter().map(|&i| group.arms[i].view()).collect();
+                    policy::select_deferred(
+                        &policy,
+                        &objective,
+                        binary,
+                        views,
+                        st.cfg.draws,
+                        &mut st.rng,
+                    )
+                }
+            });
+            Vec::new()
+        } else {
+            let mut left: Vec<usize> = (0..arms.len()).collect();
+            let mut picks: Vec<(usize, policy::Prob)> = Vec::with_capacity(k.max(1));
+            if let Some(pos) = pos {
+                picks.push((pos, policy::Prob::Known(Some(1.0))));
+                left.retain(|&p| p != pos);
+            }
+            while picks.len() < k.max(1) && !left.is_empty() {
+                let group = &st.groups[gid];
+                let views: Vec<ArmView> = left
+                    .iter()
+                    .map(|&p| group.arms[group.last[p]].view())
+                    .collect();
+                let (i, prob) = if matches!(policy, Policy::Fixed(_)) {
+                    // After the frozen choice, the others in the order listed.
+                    (0, policy::Prob::Known(None))
+                } else {
+                    policy::select_deferred(
+                        &policy,
+                        &objective,
+                        binary,
+                        views,
+                        st.cfg.draws,
+                        &mut st.rng,
+                    )
+                };
+                picks.push((left.remove(i), prob));
+            }
+            picks
+        };
+        let g = &st.groups[gid];
+        for (pos, probability) in first.into_iter().chain(rest) {
+            let arm = g.last[pos];
+            push(Decision {
+                group: gid,
+                arm,
+                choice: Choice {
+                    name: g.arms[arm].name.clone(),
+                    index: pos,
+                },
+                probability,
+                policy: policy.short_name(),
+            });
+        }
+        Ok(())
     }
 
     /// Picks a choice, runs `f` with it and records the call; returns `f`'s value and the
@@ -1016,6 +1093,19 @@ impl TuneCall {
         let result = f(d.choice.clone()).await;
         let latency_s = t0.elapsed().as_secs_f64();
         let error = result.as_ref().err().map(|e| clip(&e.to_string()));
+        let outcome = self.record(d, started_at, latency_s, error);
+        let value = result?;
+        Ok((value, outcome))
+    }
+
+    /// Records one decided call (its row, its counts, a failure's reward 0).
+    pub(crate) fn record(
+        &self,
+        d: Decision,
+        started_at: f64,
+        latency_s: f64,
+        error: Option<String>,
+    ) -> Outcome {
         let failed = error.is_some();
         let (id, wake) = {
             let mut st = self.tuner.state();
@@ -1071,18 +1161,14 @@ impl TuneCall {
         if wake {
             self.tuner.request_flush();
         }
-        let value = result?;
-        Ok((
-            value,
-            Outcome {
-                tuner: self.tuner,
-                id: CallId(id),
-                choice: d.choice,
-                probability: d.probability,
-                caller: self.caller,
-                latency_s,
-            },
-        ))
+        Outcome {
+            tuner: self.tuner.clone(),
+            id: CallId(id),
+            choice: d.choice,
+            probability: d.probability,
+            caller: self.caller,
+            latency_s,
+        }
     }
 }
 

@@ -193,6 +193,9 @@ impl Store {
     pub(crate) fn write(&mut self, b: &Batch) -> Result<Synced> {
         let path = self.path.clone();
         let err = |e: rusqlite::Error| store_err(&path, e);
+        // Estimated before the file's write lock is taken, so another process is not held up.
+        let probabilities: Vec<Option<f64>> =
+            b.rows.iter().map(|r| r.probability.value()).collect();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -263,14 +266,14 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )
                 .map_err(err)?;
-            for r in &b.rows {
+            for (r, p) in b.rows.iter().zip(&probabilities) {
                 row.execute(params![
                     r.id as i64,
                     &*r.label,
                     &*r.context,
                     &*r.choice,
                     &*r.policy,
-                    r.probability.value(),
+                    p,
                     &*r.caller,
                     r.started_at,
                     r.latency_s,

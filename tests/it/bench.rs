@@ -93,6 +93,17 @@ fn bench_command_prints_one_json_document() {
         2,
         "{tune}"
     );
+    assert_eq!(tune["shared_store"]["lost"], 0, "{tune}");
+    assert!(
+        v["autotune"]["hit_ms"].as_f64().unwrap() > 0.0,
+        "{}",
+        v["autotune"]
+    );
+    assert_eq!(tune["ledger"]["calls"], 20_000, "{tune}");
+    assert!(
+        tune["ledger"]["report_ms"].as_f64().unwrap() > 0.0,
+        "{tune}"
+    );
     // Task A learns even in the quick run: better than chance (0.1) on the test set.
     assert!(
         v["task_a"][0]["test_acc"].as_f64().unwrap() > 0.2,

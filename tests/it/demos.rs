@@ -2,6 +2,8 @@
 
 #[path = "../../demos/affine.rs"]
 mod affine;
+#[path = "../../demos/cost.rs"]
+mod cost;
 #[path = "../../demos/lm_params.rs"]
 mod lm_params;
 #[cfg(feature = "llm")]
@@ -79,4 +81,53 @@ async fn prompt_qa_runs_against_the_real_server() {
     assert!(f(&v, "rejected") >= 1.0, "{v}");
     assert_eq!(v["prompt"], "Answer the question.");
     assert!(f(&v, "llm_requests") > 12.0, "{v}");
+}
+
+#[tokio::test]
+async fn the_cost_demo_and_the_cli_cost_report_agree() {
+    let v = cost::run().await.unwrap();
+    assert_eq!(v["calls"], 19_500, "{v}");
+    assert_eq!(v["top_caller"], "crawler/prices.rs:88", "{v}");
+    // 12 000 unlocker calls at $0.0015, exactly.
+    assert_eq!(f(&v, "top_caller_usd"), 18.0, "{v}");
+    let chart = std::env::temp_dir().join(format!("hyperfunc-spend-{}.svg", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args(["cost", "report", "--store", v["ledger"].as_str().unwrap()])
+        .args(["--by", "endpoint", "--since", "30d", "--json", "--chart"])
+        .arg(&chart)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["total_calls"], 19_500, "{r}");
+    assert_eq!(
+        r["total_micros"].as_i64().unwrap(),
+        (f(&v, "total_usd") * 1e6).round() as i64,
+        "{r}"
+    );
+    assert_eq!(r["rows"][0]["key"][0], "unlocker", "{r}");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("pdf-to-text"),
+        "{svg}"
+    );
+    let _ = std::fs::remove_file(&chart);
+    // A dimension that does not exist: a clear error, non-zero exit.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args([
+            "cost",
+            "report",
+            "--store",
+            v["ledger"].as_str().unwrap(),
+            "--by",
+            "customer",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown dimension `customer`"));
 }

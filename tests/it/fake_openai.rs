@@ -89,7 +89,17 @@ pub async fn serve_status(
     }
 }
 
+/// Usage like a real server's: about a token per four characters of the messages and answer.
 fn reply(req: &Json, text: &str) -> String {
+    let chars: usize = req["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| m["content"].as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    let (prompt, completion) = (chars.div_ceil(4).max(1), text.len().div_ceil(4).max(1));
     json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -97,7 +107,8 @@ fn reply(req: &Json, text: &str) -> String {
         "model": req["model"],
         "choices": [{"index": 0, "finish_reason": "stop",
                      "message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion}
     })
     .to_string()
 }

@@ -302,11 +302,10 @@ async fn race_returns_the_fastest_model_and_cancels_the_rest() {
         .unwrap();
     assert_eq!(r.winner, "mock-gpt");
     assert_eq!(r.response.text, "Hello from the mock.");
-    assert_eq!(
-        r.entrants[0],
-        ("mock-slow".to_string(), RaceEntry::Cancelled)
-    );
-    assert!(matches!(r.entrants[1].1, RaceEntry::Won { cost_usd } if cost_usd > 0.0));
+    assert_eq!(r.entrants[0].model, "mock-slow");
+    assert_eq!(r.entrants[0].entry, RaceEntry::Cancelled);
+    assert!(r.entrants[0].cost_estimated);
+    assert!(matches!(r.entrants[1].entry, RaceEntry::Won { cost_usd } if cost_usd > 0.0));
     assert_eq!(c.stats().race_wins["greeter"]["mock-gpt"], 1);
 
     // An answer judged invalid does not win: the slow model does.
@@ -320,7 +319,7 @@ async fn race_returns_the_fastest_model_and_cancels_the_rest() {
         .await
         .unwrap();
     assert_eq!(r.winner, "mock-slow");
-    assert!(matches!(r.entrants[1].1, RaceEntry::Invalid { .. }));
+    assert!(matches!(r.entrants[1].entry, RaceEntry::Invalid { .. }));
 
     let e = c
         .race(

@@ -1,7 +1,9 @@
 //! The one integration-test binary: a module per capability.
 
 mod agents;
+mod autotune;
 mod bench;
+mod chart;
 mod common;
 mod demos;
 mod errors;
@@ -22,3 +24,7 @@ mod population;
 mod prompt;
 mod system;
 mod tune;
+#[cfg(feature = "llm")]
+mod tune_cost;
+#[cfg(feature = "llm")]
+mod tune_judge;

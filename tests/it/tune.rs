@@ -13,10 +13,10 @@ use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 /// A SQLite file in the temp dir, removed (with its WAL files) on drop.
-struct TempDb(PathBuf);
+pub(crate) struct TempDb(pub(crate) PathBuf);
 
 impl TempDb {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

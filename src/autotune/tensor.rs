@@ -1,0 +1,628 @@
+//! Tensor autotune: the candidate tile and the rows per batched forward of a population
+//! evaluation, found by measurement.
+//!
+//! The search: candidates under the memory budget are ranked analytically (a tile whose
+//! activations fit the per-core L2 cache first, then batches that keep every core busy), the
+//! timing noise of the default is measured, then successive halving with the candidates timed
+//! interleaved (so drift hits all alike), then a local search around the leader. Every candidate
+//! passes a correctness gate first: its fitness vector on the probe population must match the
+//! default's. The default is kept unless the winner beats it with a bootstrap 95% interval of the
+//! speedup above 1.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use super::{Candidate, Mode, Record, SystemProfile, TensorSettings};
+use crate::error::{Error, Result};
+use crate::prelude::*;
+
+/// The problem shape a record is for: parameters (names, shapes, perturbation kinds), dtype,
+/// and the population and example counts rounded up to powers of two.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeKey {
+    /// Hash of the parameters' names, shapes and perturbation kinds.
+    pub shape_hash: String,
+    /// A readable summary (`4 params, 2410 values, dense`).
+    pub summary: String,
+    /// Population size bucket.
+    pub pop_bucket: usize,
+    /// Examples bucket.
+    pub rows_bucket: usize,
+}
+
+impl ShapeKey {
+    /// The key of evaluating `pop` on `rows` examples.
+    pub fn of(pop: &Population, rows: usize) -> Self {
+        let sig = pop.shape_signature();
+        let values: usize = pop.base().iter().map(|(_, t)| t.elem_count()).sum();
+        let kinds: std::collections::BTreeSet<&str> = sig
+            .split(',')
+            .filter_map(|p| p.rsplit(':').next())
+            .collect();
+        Self {
+            shape_hash: crate::tune::content_hash_hex(sig.as_bytes())[..12].to_string(),
+            summary: format!(
+                "{} params, {values} values, {}",
+                pop.base().iter().count(),
+                kinds.into_iter().collect::<Vec<_>>().join("+")
+            ),
+            pop_bucket: pop.size().next_power_of_two(),
+            rows_bucket: rows.max(1).next_power_of_two(),
+        }
+    }
+
+    /// The part shared by every population and row bucket of this shape.
+    pub fn shape_part(&self) -> String {
+        format!("tensor-{}-f32-", self.shape_hash)
+    }
+
+    /// (population bucket, rows bucket) of a key string.
+    pub fn parse_buckets(key: &str) -> Option<(usize, usize)> {
+        let rest = key.rsplit_once("-p")?.1;
+        let (p, r) = rest.split_once("-r")?;
+        Some((p.parse().ok()?, r.parse().ok()?))
+    }
+}
+
+impl fmt::Display for ShapeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}p{}-r{}",
+            self.shape_part(),
+            self.pop_bucket,
+            self.rows_bucket
+        )
+    }
+}
+
+/// A problem the tuner can time: one population evaluation under given settings.
+pub trait Probe {
+    /// The shape key.
+    fn key(&self) -> ShapeKey;
+    /// Candidate × example evaluations in one run.
+    fn evals(&self) -> usize;
+    /// Bytes one row (candidate × example) of a batched forward needs at its widest.
+    fn bytes_per_row(&self) -> usize;
+    /// Runs one evaluation under `settings`; the fitness vector.
+    fn run(&self, settings: &TensorSettings) -> Result<Vec<f32>>;
+    /// The command that reproduces the tuning.
+    fn command(&self) -> String;
+}
+
+/// A built-in probe: an MLP population (dense or low-rank noise) on random examples with a
+/// cross-entropy metric.
+pub struct MlpProbe {
+    sizes: Vec<usize>,
+    rank: Option<usize>,
+    net: Chain,
+    pop: Population,
+    examples: Examples,
+    rt: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for MlpProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MlpProbe")
+            .field("sizes", &self.sizes)
+            .field("pop", &self.pop.size())
+            .field("rows", &self.examples.len())
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+impl MlpProbe {
+    /// An MLP with layer `sizes` (tanh hidden layers), a population of `pop` and `rows` examples;
+    /// `rank` selects low-rank noise of that rank.
+    pub fn new(sizes: &[usize], pop: usize, rows: usize, rank: Option<usize>) -> Result<Self> {
+        if sizes.len() < 2 || sizes.contains(&0) || pop == 0 || rows == 0 {
+            return Err(Error::config(
+                "autotune probe",
+                "needs at least two non-zero layer sizes, a population and examples",
+            ));
+        }
+        let mlp = HyperFn::mlp("mlp", sizes, Activation::Tanh, Activation::Identity);
+        let mlp = match rank {
+            Some(r) => mlp.noise_rank(r),
+            None => mlp,
+        };
+        let net = Chain::new(vec![mlp]);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(17);
+        let dev = candle_core::Device::Cpu;
+        let x: Vec<f32> = (0..rows * sizes[0])
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let classes = sizes[sizes.len() - 1];
+        let y: Vec<f32> = (0..rows).map(|i| (i % classes) as f32).collect();
+        let x = candle_core::Tensor::from_vec(x, (rows, sizes[0]), &dev)
+            .map_err(Error::tensor("autotune probe"))?;
+        let y = candle_core::Tensor::from_vec(y, rows, &dev)
+            .map_err(Error::tensor("autotune probe"))?;
+        let examples = Examples::tensors(x, y)?;
+        let es = Es::default().pop_size(pop).sigma(0.05).seed(5);
+        let theta = es.start(&net)?.theta().clone();
+        let pop = es.population(&net, &theta, 0)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| Error::config("autotune", format!("cannot start a runtime: {e}")))?;
+        Ok(Self {
+            sizes: sizes.to_vec(),
+            rank,
+            net,
+            pop,
+            examples,
+            rt,
+        })
+    }
+}
+
+impl Probe for MlpProbe {
+    fn key(&self) -> ShapeKey {
+        ShapeKey::of(&self.pop, self.examples.len())
+    }
+
+    fn evals(&self) -> usize {
+        self.pop.size() * self.examples.len()
+    }
+
+    fn bytes_per_row(&self) -> usize {
+        // Input, the widest activation twice (in and out of a layer) and the output.
+        let widest = self.sizes.iter().copied().max().unwrap_or(1);
+        4 * (self.sizes[0] + 2 * widest + self.sizes[self.sizes.len() - 1])
+    }
+
+    fn run(&self, s: &TensorSettings) -> Result<Vec<f32>> {
+        let prev = crate::layers::set_tile_floats(Some(s.tile_floats));
+        let ce = crate::metric::cross_entropy();
+        let out = self.rt.block_on(crate::population::evaluate_population(
+            &self.net,
+            &self.pop,
+            &self.examples,
+            &ce,
+            s.max_batch_size,
+        ));
+        crate::layers::set_tile_floats(prev);
+        Ok(out?.fitness)
+    }
+
+    fn command(&self) -> String {
+        let sizes: Vec<String> = self.sizes.iter().map(ToString::to_string).collect();
+        format!(
+            "hyperfunc autotune tensor --mlp {} --pop {} --rows {}{}",
+            sizes.join(","),
+            self.pop.size(),
+            self.examples.len(),
+            self.rank.map_or(String::new(), |r| format!(" --rank {r}"))
+        )
+    }
+}
+
+/// Settings of one tuning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// How hard to search.
+    pub mode: Mode,
+    /// Wall-clock budget (the mode's when `None`); the best so far is kept when it runs out.
+    pub budget: Option<std::time::Duration>,
+    /// Largest batched forward, bytes (default: a quarter of the available memory, at least
+    /// 256 MiB).
+    pub memory_budget: Option<u64>,
+    /// Shuffling seed of the interleaved timings.
+    pub seed: u64,
+    /// Largest relative fitness difference the correctness gate accepts.
+    pub tolerance: f32,
+    /// Shortest timing sample (evaluations are repeated until it has passed).
+    pub min_sample: std::time::Duration,
+}
+
+impl Options {
+    /// The defaults of `mode`.
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            budget: None,
+            memory_budget: None,
+            seed: 1,
+            tolerance: 1e-4,
+            min_sample: std::time::Duration::from_millis(match mode {
+                Mode::Quick => 40,
+                Mode::Normal => 80,
+                Mode::Full => 150,
+            }),
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// The candidate grid: tiles × batch sizes, the default first.
+fn grid(evals: usize) -> Vec<TensorSettings> {
+    let d = TensorSettings::default();
+    let mut out = vec![d];
+    for tile_k in [16, 32, 64, 128, 256, 512, 1024] {
+        for batch in [evals, 16_384, 65_536, 262_144, 1_048_576] {
+            let s = TensorSettings {
+                tile_floats: tile_k * 1024,
+                max_batch_size: batch.max(1),
+            };
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// Analytic score: tiles near a quarter of L2 and batches that hold the whole evaluation or
+/// split it into enough chunks for the cores rank first (lower is better).
+fn analytic(s: &TensorSettings, evals: usize, l2: u64, cores: usize) -> f64 {
+    let l2_floats = if l2 == 0 {
+        256 * 1024
+    } else {
+        (l2 / 4) as usize
+    };
+    let tile = ((s.tile_floats as f64) / (l2_floats as f64 / 2.0))
+        .log2()
+        .abs();
+    let chunks = evals.div_ceil(s.max_batch_size.max(1));
+    let batch = if chunks == 1 {
+        0.0
+    } else if chunks < cores {
+        1.0
+    } else {
+        0.5 + (chunks as f64).log2() * 0.1
+    };
+    tile + batch
+}
+
+fn fitness_matches(a: &[f32], b: &[f32], tol: f32) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!("{} fitness values instead of {}", a.len(), b.len()));
+    }
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let ok = (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs());
+        if !ok {
+            return Some(format!(
+                "candidate {i}'s fitness is {x}, the default's {y}: wrong results"
+            ));
+        }
+    }
+    None
+}
+
+/// Tunes `probe`'s settings; the default is always a candidate and wins ties.
+pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
+    let started = Instant::now();
+    let budget = opts.budget.unwrap_or_else(|| opts.mode.budget());
+    let profile = SystemProfile::detect();
+    let evals = probe.evals();
+    let mem_budget = opts
+        .memory_budget
+        .unwrap_or_else(|| (profile.ram_available_bytes / 4).max(256 << 20));
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
+    let default = TensorSettings::default();
+    // One sample: runs repeated for at least `min_sample`, so short evaluations are not timed
+    // at the clock's resolution.
+    let min_sample = opts.min_sample.as_secs_f64();
+    let time = |s: &TensorSettings| -> Result<(f64, Vec<f32>)> {
+        let t = Instant::now();
+        let f = probe.run(s)?;
+        let mut runs = 1usize;
+        while t.elapsed().as_secs_f64() < min_sample {
+            probe.run(s)?;
+            runs += 1;
+        }
+        Ok((
+            (runs * evals) as f64 / t.elapsed().as_secs_f64().max(1e-9),
+            f,
+        ))
+    };
+    // Reference fitness and timing noise of the default.
+    let (_, reference) = time(&default)?;
+    let mut base = Vec::new();
+    for _ in 0..5 {
+        base.push(time(&default)?.0);
+    }
+    let m = median(&base);
+    let mad = median(&base.iter().map(|x| (x - m).abs()).collect::<Vec<_>>());
+    let noise_cv = 1.4826 * mad / m.max(1e-9);
+    let reps = if noise_cv > 0.05 { 5 } else { 3 };
+
+    // Candidates: the grid within the memory budget, ranked analytically.
+    let mut candidates: BTreeMap<TensorSettings, Candidate> = BTreeMap::new();
+    let mut pool = Vec::new();
+    for s in grid(evals) {
+        let rows = s.max_batch_size.min(evals);
+        let bytes = (rows * probe.bytes_per_row()) as u64;
+        if bytes > mem_budget {
+            candidates.insert(
+                s,
+                Candidate {
+                    settings: s,
+                    evals_per_sec: 0.0,
+                    runs: 0,
+                    pct_of_best: 0.0,
+                    excluded: Some(format!(
+                        "needs about {} MiB per forward, over the {} MiB budget",
+                        bytes >> 20,
+                        mem_budget >> 20
+                    )),
+                },
+            );
+        } else {
+            pool.push(s);
+        }
+    }
+    pool.sort_by(|a, b| {
+        analytic(a, evals, profile.l2_bytes, profile.cores).total_cmp(&analytic(
+            b,
+            evals,
+            profile.l2_bytes,
+            profile.cores,
+        ))
+    });
+    let mut live: Vec<TensorSettings> = vec![default];
+    for s in pool {
+        if live.len() >= opts.mode.candidates() {
+            break;
+        }
+        if s != default {
+            live.push(s);
+        }
+    }
+    // Correctness gate.
+    let mut checked = 0;
+    let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
+    live.retain(|s| {
+        checked += 1;
+        let (rate, f) = match time(s) {
+            Ok(x) => x,
+            Err(e) => {
+                candidates.insert(*s, excluded(*s, format!("failed: {e}")));
+                return false;
+            }
+        };
+        if let Some(why) = fitness_matches(&f, &reference, opts.tolerance) {
+            candidates.insert(*s, excluded(*s, why));
+            return *s == default;
+        }
+        times.entry(*s).or_default().push(rate);
+        true
+    });
+    let over = |t: &Instant| t.elapsed() >= budget;
+    let mut stop_reason = "converged".to_string();
+    // Successive halving, interleaved.
+    while live.len() > 2 {
+        if over(&started) {
+            stop_reason = "budget".into();
+            break;
+        }
+        for _ in 0..reps {
+            live.shuffle(&mut rng);
+            for s in &live {
+                let (rate, _) = time(s)?;
+                times.entry(*s).or_default().push(rate);
+            }
+        }
+        live.sort_by(|a, b| median(&times[b]).total_cmp(&median(&times[a])));
+        let keep = live.len().div_ceil(2).max(2);
+        live.truncate(keep);
+        if !live.contains(&default) {
+            live.push(default);
+        }
+    }
+    // Local search around the leader: halve and double each knob.
+    let leader = live
+        .iter()
+        .copied()
+        .max_by(|a, b| median(&times[a]).total_cmp(&median(&times[b])))
+        .unwrap_or(default);
+    if !over(&started) {
+        let mut near = Vec::new();
+        for (t, b) in [(2, 1), (1, 2)] {
+            let up = TensorSettings {
+                tile_floats: leader.tile_floats * t,
+                max_batch_size: leader.max_batch_size * b,
+            };
+            let down = TensorSettings {
+                tile_floats: (leader.tile_floats / t).max(1024),
+                max_batch_size: (leader.max_batch_size / b).max(1),
+            };
+            for s in [up, down] {
+                let rows = s.max_batch_size.min(evals);
+                if s != leader
+                    && !times.contains_key(&s)
+                    && !candidates.contains_key(&s)
+                    && (rows * probe.bytes_per_row()) as u64 <= mem_budget
+                {
+                    near.push(s);
+                }
+            }
+        }
+        for s in near {
+            if over(&started) {
+                stop_reason = "budget".into();
+                break;
+            }
+            checked += 1;
+            let (rate, f) = time(&s)?;
+            if let Some(why) = fitness_matches(&f, &reference, opts.tolerance) {
+                candidates.insert(s, excluded(s, why));
+                continue;
+            }
+            times.entry(s).or_default().push(rate);
+            let mut pair = [s, leader];
+            for _ in 0..reps {
+                pair.shuffle(&mut rng);
+                for p in pair {
+                    let (rate, _) = time(&p)?;
+                    times.entry(p).or_default().push(rate);
+                }
+            }
+        }
+    }
+    let leader = times
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .max_by(|a, b| median(a.1).total_cmp(&median(b.1)))
+        .map_or(default, |(s, _)| *s);
+    // Final: leader against the default, interleaved, paired.
+    let (mut lead_t, mut def_t) = (Vec::new(), Vec::new());
+    if leader != default {
+        for _ in 0..(2 * reps).max(6) {
+            if rng.random_bool(0.5) {
+                lead_t.push(time(&leader)?.0);
+                def_t.push(time(&default)?.0);
+            } else {
+                def_t.push(time(&default)?.0);
+                lead_t.push(time(&leader)?.0);
+            }
+        }
+    } else {
+        def_t = times.get(&default).cloned().unwrap_or_default();
+        lead_t = def_t.clone();
+    }
+    let speedup = median(&lead_t) / median(&def_t).max(1e-9);
+    let ci = bootstrap_ratio(&lead_t, &def_t, &mut rng);
+    let chosen = if leader != default && ci.0 > 1.0 {
+        leader
+    } else {
+        default
+    };
+    for (s, v) in &times {
+        candidates.insert(
+            *s,
+            Candidate {
+                settings: *s,
+                evals_per_sec: median(v),
+                runs: v.len(),
+                pct_of_best: 0.0,
+                excluded: None,
+            },
+        );
+    }
+    let mut list: Vec<Candidate> = candidates.into_values().collect();
+    let best = list
+        .iter()
+        .filter(|c| c.excluded.is_none())
+        .map(|c| c.evals_per_sec)
+        .fold(0.0, f64::max);
+    for c in &mut list {
+        c.pct_of_best = 100.0 * c.evals_per_sec / best.max(1e-9);
+    }
+    list.sort_by(|a, b| {
+        a.excluded
+            .is_some()
+            .cmp(&b.excluded.is_some())
+            .then(b.evals_per_sec.total_cmp(&a.evals_per_sec))
+    });
+    let ranked: Vec<&Candidate> = list.iter().filter(|c| c.excluded.is_none()).collect();
+    let runner_up = ranked
+        .iter()
+        .find(|c| c.settings != chosen)
+        .map(|c| (c.settings, c.evals_per_sec));
+    let chosen_rate = if chosen == default {
+        median(&def_t)
+    } else {
+        median(&lead_t)
+    };
+    let margin = runner_up.map_or(0.0, |(_, r)| chosen_rate / r.max(1e-9) - 1.0);
+    let mut factors = BTreeMap::new();
+    factors.insert("noise".to_string(), (1.0 - noise_cv / 0.2).clamp(0.05, 1.0));
+    factors.insert(
+        "complete".to_string(),
+        if stop_reason == "budget" { 0.8 } else { 1.0 },
+    );
+    factors.insert(
+        "interval".to_string(),
+        if chosen == default {
+            1.0
+        } else {
+            (1.0 - (ci.1 - ci.0) / speedup.max(1e-9)).clamp(0.3, 1.0)
+        },
+    );
+    let confidence = factors.values().product::<f64>();
+    Ok(Record {
+        key: probe.key().to_string(),
+        fingerprint: profile.fingerprint(),
+        settings: chosen,
+        evals_per_sec: chosen_rate,
+        default_evals_per_sec: median(&def_t),
+        speedup: if chosen == default { 1.0 } else { speedup },
+        speedup_ci: ci,
+        runner_up,
+        margin,
+        noise_cv,
+        correctness: (
+            checked
+                - list
+                    .iter()
+                    .filter(|c| {
+                        c.excluded
+                            .as_deref()
+                            .is_some_and(|w| w.contains("wrong results") || w.starts_with("failed"))
+                    })
+                    .count(),
+            checked,
+        ),
+        candidates: list,
+        stop_reason,
+        confidence,
+        confidence_factors: factors,
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+        seconds: started.elapsed().as_secs_f64(),
+        stale: false,
+        command: probe.command(),
+    })
+}
+
+fn excluded(s: TensorSettings, why: String) -> Candidate {
+    Candidate {
+        settings: s,
+        evals_per_sec: 0.0,
+        runs: 0,
+        pct_of_best: 0.0,
+        excluded: Some(why),
+    }
+}
+
+/// Bootstrap 95% interval of median(a) / median(b), resampling each.
+fn bootstrap_ratio(a: &[f64], b: &[f64], rng: &mut Xoshiro256PlusPlus) -> (f64, f64) {
+    if a.is_empty() || b.is_empty() {
+        return (1.0, 1.0);
+    }
+    let mut r = Vec::with_capacity(1000);
+    let mut sa = vec![0.0; a.len()];
+    let mut sb = vec![0.0; b.len()];
+    for _ in 0..1000 {
+        for x in sa.iter_mut() {
+            *x = a[rng.random_range(0..a.len())];
+        }
+        for x in sb.iter_mut() {
+            *x = b[rng.random_range(0..b.len())];
+        }
+        r.push(median(&sa) / median(&sb).max(1e-12));
+    }
+    r.sort_by(f64::total_cmp);
+    (r[25], r[974])
+}

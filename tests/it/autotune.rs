@@ -1,0 +1,290 @@
+//! `hyperfunc::autotune`: the correctness gate, the memory budget, saved records (atomic,
+//! confidence-gated, corrupt files and other machines miss), `optimize` picking a record up and
+//! dropping a stale one (in a child process with its own cache directory), and the CLI.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyperfunc::autotune::tensor::{self, MlpProbe, Options, Probe, ShapeKey};
+use hyperfunc::autotune::{Mode, Store, SystemProfile, TensorSettings};
+use hyperfunc::prelude::*;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hyperfunc-autotune-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn quick() -> Options {
+    let mut o = Options::new(Mode::Quick);
+    o.budget = Some(Duration::from_secs(3));
+    o.min_sample = Duration::from_millis(2);
+    o
+}
+
+/// A real MLP probe that can be told to return wrong fitness under one tile size (a broken
+/// kernel variant) and counts the runs of each setting.
+struct Rigged {
+    inner: MlpProbe,
+    broken_tile: Option<usize>,
+    runs: RefCell<BTreeMap<TensorSettings, usize>>,
+    bytes_per_row: usize,
+}
+
+impl Probe for Rigged {
+    fn key(&self) -> ShapeKey {
+        self.inner.key()
+    }
+    fn evals(&self) -> usize {
+        self.inner.evals()
+    }
+    fn bytes_per_row(&self) -> usize {
+        self.bytes_per_row
+    }
+    fn run(&self, s: &TensorSettings) -> hyperfunc::Result<Vec<f32>> {
+        *self.runs.borrow_mut().entry(*s).or_default() += 1;
+        let mut f = self.inner.run(s)?;
+        if Some(s.tile_floats) == self.broken_tile {
+            f[3] += 0.5;
+        }
+        Ok(f)
+    }
+    fn command(&self) -> String {
+        self.inner.command()
+    }
+}
+
+#[test]
+fn the_correctness_gate_rejects_a_wrong_kernel_variant() {
+    let probe = Rigged {
+        inner: MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap(),
+        broken_tile: Some(256 * 1024),
+        runs: RefCell::default(),
+        bytes_per_row: 64,
+    };
+    let mut opts = quick();
+    opts.mode = Mode::Full;
+    let r = tensor::tune(&probe, &opts).unwrap();
+    let broken: Vec<_> = r
+        .candidates
+        .iter()
+        .filter(|c| c.settings.tile_floats == 256 * 1024)
+        .collect();
+    assert!(!broken.is_empty(), "{}", r.to_markdown());
+    for c in broken {
+        let why = c.excluded.as_deref().unwrap_or_default();
+        assert!(why.contains("wrong results"), "{c:?}");
+    }
+    assert_ne!(r.settings.tile_floats, 256 * 1024);
+    assert!(r.correctness.0 < r.correctness.1, "{:?}", r.correctness);
+    assert!(r.to_markdown().contains("wrong results"));
+}
+
+#[test]
+fn settings_over_the_memory_budget_are_skipped_without_running() {
+    let probe = Rigged {
+        inner: MlpProbe::new(&[16, 8, 4], 64, 64, None).unwrap(),
+        broken_tile: None,
+        runs: RefCell::default(),
+        // 1 KiB per row: 4 096 rows (the whole evaluation) need 4 MiB.
+        bytes_per_row: 1024,
+    };
+    let mut opts = quick();
+    opts.memory_budget = Some(1 << 20); // 1 MiB: at most 1 024 rows per forward
+    let r = tensor::tune(&probe, &opts).unwrap();
+    let runs = probe.runs.borrow();
+    let over: Vec<_> = r
+        .candidates
+        .iter()
+        .filter(|c| c.excluded.as_deref().is_some_and(|w| w.contains("budget")))
+        .collect();
+    assert!(!over.is_empty(), "{}", r.to_markdown());
+    for c in over {
+        assert!(c.settings.max_batch_size.min(64 * 64) * 1024 > 1 << 20);
+        assert_eq!(runs.get(&c.settings), None, "{c:?} ran");
+    }
+}
+
+#[test]
+fn records_save_atomically_refuse_low_confidence_and_miss_when_corrupt_or_foreign() {
+    let dir = temp_dir("store");
+    let store = Store::at(&dir);
+    let probe = MlpProbe::new(&[8, 4, 2], 16, 16, None).unwrap();
+    let mut r = tensor::tune(&probe, &quick()).unwrap();
+    let fp = SystemProfile::detect().fingerprint();
+    assert_eq!(r.fingerprint, fp);
+    r.confidence = 0.1;
+    let e = store.save(&r, false).unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert!(store.list().is_empty());
+    let path = store.save(&r, true).unwrap();
+    let back = store.get(&r.key, &fp).unwrap();
+    assert_eq!(
+        (&back.key, back.settings, back.confidence),
+        (&r.key, r.settings, r.confidence)
+    );
+    // Nothing but the record is left in the directory (the temporary file was renamed).
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    // Another machine misses.
+    assert!(store.get(&r.key, "0000000000000000").is_none());
+    // The nearest population bucket of the same shape is found.
+    let other = MlpProbe::new(&[8, 4, 2], 64, 16, None).unwrap();
+    assert!(store.get(&other.key().to_string(), &fp).is_none());
+    assert_eq!(store.lookup(&other.key(), &fp).unwrap().key, r.key);
+    // A different shape is not.
+    let shape = MlpProbe::new(&[8, 5, 2], 16, 16, None).unwrap();
+    assert!(store.lookup(&shape.key(), &fp).is_none());
+    // A truncated file: a warning and a miss, never an error.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    assert!(store.get(&r.key, &fp).is_none());
+    std::fs::write(&path, b"\x00\x01 not json").unwrap();
+    assert!(store.get(&r.key, &fp).is_none());
+    assert!(store.list().is_empty());
+    assert_eq!(store.clear("").unwrap(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The environment variable that turns [`autotune_worker`] into an `optimize` run.
+const WORKER: &str = "HYPERFUNC_AUTOTUNE_WORKER";
+
+/// Run by the test below in a child process (its own cache directory); does nothing otherwise.
+#[test]
+fn autotune_worker() {
+    if std::env::var(WORKER).is_err() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let net = Chain::new(vec![HyperFn::mlp(
+        "mlp",
+        &[8, 4, 2],
+        Activation::Tanh,
+        Activation::Identity,
+    )]);
+    let x = candle_core::Tensor::ones((16, 8), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let y =
+        candle_core::Tensor::zeros(16, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let data = Examples::tensors(x, y).unwrap();
+    let report = rt
+        .block_on(
+            Es::default()
+                .pop_size(16)
+                .sigma(0.05)
+                .seed(5)
+                .generations(4)
+                .progress(false)
+                .optimize(&net, &data, &metric::cross_entropy()),
+        )
+        .unwrap();
+    println!("AUTOTUNE={}", report.autotune.unwrap_or_default());
+}
+
+fn run_worker(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "autotune::autotune_worker",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WORKER, "1")
+        .env("HYPERFUNC_AUTOTUNE_DIR", dir)
+        .env("HYPERFUNC_AUTOTUNE_FILE", dir.join("none.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_once("AUTOTUNE=").map(|(_, v)| v.to_string()))
+        .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn optimize_uses_a_saved_record_and_drops_a_stale_one() {
+    let dir = temp_dir("optimize");
+    let store = Store::at(&dir);
+    // Nothing saved: nothing used.
+    assert_eq!(run_worker(&dir), "");
+    // The same shape as the worker's system (MLP 8-4-2, population 16, 16 examples).
+    let probe = MlpProbe::new(&[8, 4, 2], 16, 16, None).unwrap();
+    let mut r = tensor::tune(&probe, &quick()).unwrap();
+    r.settings = TensorSettings {
+        tile_floats: 64 * 1024,
+        max_batch_size: 64,
+    };
+    r.evals_per_sec = 1.0; // any machine beats this
+    store.save(&r, true).unwrap();
+    let used = run_worker(&dir);
+    assert!(used.contains(&r.key), "{used}");
+    assert!(
+        used.contains("tile 64 Ki floats, 64 rows per batch"),
+        "{used}"
+    );
+    // A record that promised far more than the run achieves is marked stale and dropped.
+    r.evals_per_sec = 1e15;
+    store.save(&r, true).unwrap();
+    let dropped = run_worker(&dir);
+    assert!(dropped.contains("marked stale"), "{dropped}");
+    let fp = SystemProfile::detect().fingerprint();
+    assert!(store.get(&r.key, &fp).is_none(), "a stale record misses");
+    assert_eq!(run_worker(&dir), "");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_cli_tunes_shows_and_clears() {
+    let dir = temp_dir("cli");
+    let bin = env!("CARGO_BIN_EXE_hyperfunc");
+    let out = std::process::Command::new(bin)
+        .args([
+            "autotune", "tensor", "--mlp", "8,4,2", "--pop", "16,32", "--rows", "16",
+        ])
+        .args(["--budget", "2s", "--force", "--json"])
+        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    assert!(v[0]["key"].as_str().unwrap().ends_with("-p16-r16"), "{v}");
+    assert!(v[0]["confidence"].as_f64().unwrap() > 0.0);
+    let show = std::process::Command::new(bin)
+        .args(["autotune", "show", "--json"])
+        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown.as_array().unwrap().len(), 2);
+    let clear = std::process::Command::new(bin)
+        .args(["autotune", "clear"])
+        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&clear.stdout).contains("removed 2 records"));
+    let bad = std::process::Command::new(bin)
+        .args(["autotune", "tensor", "--mlp", "8,x", "--budget", "1s"])
+        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--mlp"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
