@@ -7,6 +7,7 @@ KEYS = {
     "sk-hf-rpm3": {"rpm_limit": 3},
     "sk-hf-rpm3-b": {"rpm_limit": 3},
     "sk-hf-rpm3-bench": {"rpm_limit": 3},
+    "sk-hf-rpm3-autotune": {"rpm_limit": 3},
     "sk-hf-tpm100": {"tpm_limit": 100},
 }
 

@@ -21,6 +21,8 @@
 //! # Ok::<(), hyperfunc::Error>(())
 //! ```
 
+#[cfg(feature = "llm")]
+pub mod endpoint;
 pub mod tensor;
 
 use std::collections::BTreeMap;
@@ -448,7 +450,10 @@ impl Store {
         };
         let mut out: Vec<Record> = dir
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter(|e| {
+                e.path().extension().is_some_and(|x| x == "json")
+                    && e.file_name().to_string_lossy().starts_with("tensor-")
+            })
             .filter_map(|e| read_record(&e.path()))
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -487,6 +492,44 @@ impl Store {
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, r)| r)
+    }
+
+    /// Saves an endpoint record (atomically).
+    #[cfg(feature = "llm")]
+    pub fn save_endpoint(&self, record: &endpoint::EndpointRecord) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::File {
+            path: self.dir.display().to_string(),
+            source: e,
+        })?;
+        let path = self.dir.join(format!("{}.json", safe_name(&record.key)));
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(record).unwrap_or_default(),
+        )?;
+        Ok(path)
+    }
+
+    /// The endpoint record for `base_url` and `model`, if one was saved (a corrupt file is a
+    /// warning and a miss).
+    #[cfg(feature = "llm")]
+    pub fn get_endpoint(&self, base_url: &str, model: &str) -> Option<endpoint::EndpointRecord> {
+        let dir = std::fs::read_dir(&self.dir).ok()?;
+        dir.filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("endpoint-"))
+            .filter_map(|e| {
+                let bytes = std::fs::read(e.path()).ok()?;
+                match serde_json::from_slice::<endpoint::EndpointRecord>(&bytes) {
+                    Ok(r) => Some(r),
+                    Err(err) => {
+                        eprintln!(
+                            "warning: ignoring the unreadable autotune record {} ({err})",
+                            e.path().display()
+                        );
+                        None
+                    }
+                }
+            })
+            .find(|r| r.base_url == base_url.trim_end_matches('/') && r.model == model)
     }
 
     /// Marks the cached record stale (a later run found it slower than it promised).

@@ -97,6 +97,35 @@ enum AutotuneCommand {
         #[command(flatten)]
         args: TensorArgs,
     },
+    /// What an OpenAI-compatible endpoint tolerates: model list, declared limits, a latency
+    /// model, a concurrency sweep (stops at the first 429 and waits out Retry-After).
+    #[cfg(feature = "llm")]
+    Endpoint {
+        /// Base URL including the version path.
+        #[arg(long)]
+        endpoint: String,
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// Bearer key (default: OPENAI_API_KEY).
+        #[arg(long)]
+        key: Option<String>,
+        /// Most requests to send (quick 150, --full 2000).
+        #[arg(long)]
+        max_requests: Option<u64>,
+        /// Wall-clock budget (`2m`, `90s`).
+        #[arg(long)]
+        budget: Option<String>,
+        /// 2 000 requests and 15 minutes at most.
+        #[arg(long)]
+        full: bool,
+        /// Do not save the result.
+        #[arg(long)]
+        no_save: bool,
+        /// Print JSON instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// The saved records (all, or those whose key starts with KEY).
     Show {
         /// Key prefix.
@@ -476,6 +505,43 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Command::Autotune { command, args } => match command {
             None => autotune_tensor(&args)?,
             Some(AutotuneCommand::Tensor { args }) => autotune_tensor(&args)?,
+            #[cfg(feature = "llm")]
+            Some(AutotuneCommand::Endpoint {
+                endpoint,
+                model,
+                key,
+                max_requests,
+                budget,
+                full,
+                no_save,
+                json,
+            }) => {
+                use hyperfunc::autotune::endpoint;
+                let key = key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
+                let mut probe = endpoint::EndpointProbe::new(&endpoint, key.as_deref(), &model);
+                if full {
+                    probe = probe.full();
+                }
+                if let Some(n) = max_requests {
+                    probe.max_requests = n;
+                }
+                if let Some(b) = budget {
+                    probe.budget = std::time::Duration::from_secs(
+                        hyperfunc::tune::parse_span(&b)?.max(1) as u64,
+                    );
+                }
+                let rt = tokio::runtime::Runtime::new()?;
+                let r = rt.block_on(endpoint::tune(&probe))?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("{}", r.to_markdown());
+                }
+                if !no_save {
+                    let p = hyperfunc::autotune::Store::default_location().save_endpoint(&r)?;
+                    eprintln!("saved {}", p.display());
+                }
+            }
             Some(AutotuneCommand::Show { key, json }) => {
                 let store = hyperfunc::autotune::Store::default_location();
                 let records: Vec<_> = store

@@ -190,6 +190,31 @@ impl LlmConfig {
         }
     }
 
+    /// Starts every endpoint's limiter from the settings `hyperfunc autotune endpoint` saved
+    /// for its base URL in `store` (concurrency, rate ceilings, timeout, retries, backoff; with
+    /// records of several models the most cautious concurrency). Endpoints without a record
+    /// are left as they are. Returns the names of the endpoints changed.
+    pub fn apply_autotune(&mut self, store: &crate::autotune::Store) -> Vec<String> {
+        let mut changed = Vec::new();
+        for ep in &mut self.endpoints {
+            let models: Vec<String> = self
+                .models
+                .iter()
+                .filter(|(_, m)| m.endpoint.as_deref().is_none_or(|e| e == ep.name))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let best = models
+                .iter()
+                .filter_map(|m| store.get_endpoint(&ep.base_url, m))
+                .min_by_key(|r| r.concurrency);
+            if let Some(r) = best {
+                r.apply(ep);
+                changed.push(ep.name.clone());
+            }
+        }
+        changed
+    }
+
     /// Reads `OPENAI_BASE_URL` (default `https://api.openai.com/v1`), `OPENAI_API_KEY`,
     /// `OPENAI_ORG_ID` (or `OPENAI_ORGANIZATION`), and optionally `HYPERFUNC_LLM_RPM`,
     /// `HYPERFUNC_LLM_TPM` and `HYPERFUNC_LLM_CACHE` (a SQLite path).

@@ -913,6 +913,7 @@ impl TuneCall {
 
     /// Up to `k` different choices, in the policy's order of preference: each next one is
     /// picked by the policy among those left (its probability is conditional on that).
+    #[cfg_attr(not(feature = "llm"), allow(dead_code))]
     pub(crate) fn decide_k(&self, k: usize) -> Result<Vec<Decision>> {
         let mut v = Vec::with_capacity(k);
         self.decide_with(k, |d| v.push(d))?;

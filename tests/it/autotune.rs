@@ -288,3 +288,229 @@ fn the_cli_tunes_shows_and_clears() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--mlp"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[cfg(feature = "llm")]
+mod endpoint {
+    use hyperfunc::autotune::endpoint::{tune, EndpointProbe};
+    use hyperfunc::autotune::Store;
+    use hyperfunc::llm::EndpointConfig;
+
+    fn url() -> String {
+        std::env::var("HYPERFUNC_LLM_URL")
+            .expect("HYPERFUNC_LLM_URL is not set: run the suite with `ci/test`")
+    }
+
+    #[tokio::test]
+    async fn tuning_a_real_endpoint_stays_in_budget_and_sets_the_limiter() {
+        let mut probe = EndpointProbe::new(&url(), Some("sk-hf-free"), "mock-gpt");
+        probe.max_requests = 40;
+        probe.max_concurrency = 8;
+        let r = tune(&probe).await.unwrap();
+        assert!(r.requests_sent <= 40, "{}", r.to_markdown());
+        assert_eq!(r.throttles, 0, "{}", r.to_markdown());
+        assert_eq!(r.listed, Some(true));
+        assert!(
+            !r.curve.is_empty() && r.curve[0].good,
+            "{}",
+            r.to_markdown()
+        );
+        assert!(r.concurrency >= 1 && r.concurrency <= 8);
+        assert!(r.latency.a_ms > 0.0);
+        assert!(r.max_ok_prompt_tokens > 0);
+        let mut ep = EndpointConfig::new("mock", &url());
+        r.apply(&mut ep);
+        assert_eq!(ep.max_concurrency, r.concurrency);
+        assert_eq!(ep.timeout_ms, r.timeout_ms);
+        // Saved and found again; the tensor records are not confused by it.
+        let dir = std::env::temp_dir().join(format!("hyperfunc-ep-{}", std::process::id()));
+        let store = Store::at(&dir);
+        store.save_endpoint(&r).unwrap();
+        assert_eq!(
+            store.get_endpoint(&url(), "mock-gpt").unwrap().concurrency,
+            r.concurrency
+        );
+        assert!(store.list().is_empty());
+        // An LLM config starts its limiter from it.
+        let mut cfg = hyperfunc::llm::LlmConfig::new(&url())
+            .model("mock-gpt", hyperfunc::llm::ModelConfig::default());
+        assert_eq!(cfg.apply_autotune(&store), vec!["default".to_string()]);
+        assert_eq!(cfg.endpoints[0].max_concurrency, r.concurrency);
+        assert_eq!(cfg.endpoints[0].timeout_ms, r.timeout_ms);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_slow_model_s_latency_model_includes_its_delay() {
+        let mut probe = EndpointProbe::new(&url(), Some("sk-hf-free"), "mock-slow");
+        probe.max_requests = 9;
+        let r = tune(&probe).await.unwrap();
+        // mock-slow sleeps 1.5 s before every answer.
+        assert!(r.latency.a_ms >= 1_500.0, "{}", r.to_markdown());
+        assert!(r.timeout_ms > 4_500, "{}", r.to_markdown());
+        assert!(r.requests_sent <= 9);
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_key_stops_at_the_first_throttle() {
+        let mut probe = EndpointProbe::new(&url(), Some("sk-hf-rpm3-autotune"), "mock-gpt");
+        probe.max_requests = 40;
+        let r = tune(&probe).await.unwrap();
+        assert!(r.throttles >= 1 && r.throttles <= 5, "{}", r.to_markdown());
+        assert!(
+            r.stop_reason.contains("throttled") || r.stop_reason.contains("429"),
+            "{}",
+            r.stop_reason
+        );
+        assert!(r.requests_sent <= 40);
+        assert!(r.backoff_base_ms >= 500);
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_aborts_at_once_and_an_unknown_model_names_the_close_ones() {
+        let e = tune(&EndpointProbe::new(&url(), Some("sk-wrong"), "mock-gpt"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("401"), "{e}");
+        let e = tune(&EndpointProbe::new(&url(), Some("sk-hf-free"), "mock-gtp"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not served") && e.to_string().contains("mock-gpt"),
+            "{e}"
+        );
+    }
+}
+
+/// An OpenAI-compatible server with a capacity: at most `capacity` requests in flight (each
+/// takes `delay`); one more is answered 429 with `Retry-After: 1`. No real server here can
+/// have a known capacity, so this one speaks real HTTP/1.1 and the chat completions JSON.
+#[cfg(feature = "llm")]
+mod capacity_server {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    pub struct Server {
+        pub base_url: String,
+        pub throttled: Arc<AtomicUsize>,
+        pub served: Arc<AtomicUsize>,
+    }
+
+    pub async fn start(capacity: usize, delay: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (t, s) = (throttled.clone(), served.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (in_flight, t, s) = (in_flight.clone(), t.clone(), s.clone());
+                tokio::spawn(async move {
+                    let (rd, mut wr) = sock.into_split();
+                    let mut rd = BufReader::new(rd);
+                    loop {
+                        let mut line = String::new();
+                        if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let request_line = line.clone();
+                        let mut len = 0usize;
+                        loop {
+                            line.clear();
+                            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let l = line.trim_end();
+                            if l.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = l.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        if rd.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let (status, extra, out) = if request_line.starts_with("GET") {
+                            (
+                                200,
+                                "",
+                                r#"{"object":"list","data":[{"id":"cap-model","object":"model"}]}"#
+                                    .to_string(),
+                            )
+                        } else if in_flight.fetch_add(1, Ordering::SeqCst) >= capacity {
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            t.fetch_add(1, Ordering::SeqCst);
+                            (
+                                429,
+                                "retry-after: 1\r\n",
+                                r#"{"error":{"message":"over capacity","type":"rate_limit"}}"#
+                                    .to_string(),
+                            )
+                        } else {
+                            tokio::time::sleep(delay).await;
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            s.fetch_add(1, Ordering::SeqCst);
+                            (200, "", r#"{"id":"c","object":"chat.completion","created":0,"model":"cap-model","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Fine."}}],"usage":{"prompt_tokens":20,"completion_tokens":2,"total_tokens":22}}"#.to_string())
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{out}",
+                            out.len()
+                        );
+                        if wr.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Server {
+            base_url: format!("http://{addr}/v1"),
+            throttled,
+            served,
+        }
+    }
+}
+
+#[cfg(feature = "llm")]
+#[tokio::test]
+async fn tuned_settings_reach_the_capacity_with_no_429_surfaced_to_callers() {
+    use std::sync::atomic::Ordering;
+
+    use hyperfunc::autotune::endpoint::{tune, EndpointProbe};
+    use hyperfunc::llm::{ChatRequest, LlmClient, LlmConfig};
+
+    let server = capacity_server::start(6, Duration::from_millis(60)).await;
+    let mut probe = EndpointProbe::new(&server.base_url, None, "cap-model");
+    probe.max_requests = 120;
+    let r = tune(&probe).await.unwrap();
+    // Bisection between 4 (good) and 8 (the first 429) ends at the capacity.
+    assert_eq!(r.concurrency, 6, "{}", r.to_markdown());
+    assert!(r.throttles <= 5, "{}", r.to_markdown());
+    assert!(r.requests_sent <= 120);
+    // A client started from the record never goes over it: no 429 reaches the server's count
+    // or a caller.
+    let before = server.throttled.load(Ordering::SeqCst);
+    let mut cfg = LlmConfig::new(&server.base_url);
+    r.apply(&mut cfg.endpoints[0]);
+    let client = LlmClient::new(cfg).unwrap();
+    let calls = (0..36).map(|i| {
+        client.chat(
+            ChatRequest::new("cap-model")
+                .user(format!("q{i}"))
+                .temperature(0.7),
+        )
+    });
+    for out in futures::future::join_all(calls).await {
+        assert_eq!(out.unwrap().text, "Fine.");
+    }
+    assert_eq!(server.throttled.load(Ordering::SeqCst), before);
+    assert!(server.served.load(Ordering::SeqCst) >= 36);
+}
