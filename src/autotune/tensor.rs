@@ -626,3 +626,84 @@ fn bootstrap_ratio(a: &[f64], b: &[f64], rng: &mut Xoshiro256PlusPlus) -> (f64, 
     r.sort_by(f64::total_cmp);
     (r[25], r[974])
 }
+
+impl MlpProbe {
+    /// The probe a record's `command` describes (`hyperfunc autotune tensor --mlp … --pop …
+    /// --rows … [--rank …]`), or `None` for a record of another probe.
+    pub fn from_command(command: &str) -> Option<Result<Self>> {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let arg = |name: &str| {
+            words
+                .iter()
+                .position(|w| *w == name)
+                .and_then(|i| words.get(i + 1).copied())
+        };
+        let sizes: Vec<usize> = arg("--mlp")?
+            .split(',')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let pop = arg("--pop")?.parse().ok()?;
+        let rows = arg("--rows")?.parse().ok()?;
+        let rank = match arg("--rank") {
+            Some(r) => Some(r.parse().ok()?),
+            None => None,
+        };
+        Some(Self::new(&sizes, pop, rows, rank))
+    }
+}
+
+/// A saved record timed again against the default.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Verification {
+    /// The record's key.
+    pub key: String,
+    /// Its settings.
+    pub settings: TensorSettings,
+    /// Throughput it recorded.
+    pub recorded_evals_per_sec: f64,
+    /// Its settings' throughput now (median).
+    pub evals_per_sec: f64,
+    /// The default's throughput now (median, interleaved).
+    pub default_evals_per_sec: f64,
+    /// Whether it ran 20% or more below what it recorded.
+    pub stale: bool,
+}
+
+/// Times `record`'s settings and the default on `probe`, interleaved, `reps` samples each.
+pub fn verify(
+    probe: &dyn Probe,
+    record: &Record,
+    reps: usize,
+    min_sample: std::time::Duration,
+) -> Result<Verification> {
+    let evals = probe.evals();
+    let time = |s: &TensorSettings| -> Result<f64> {
+        let t = Instant::now();
+        let mut runs = 0usize;
+        while runs == 0 || t.elapsed() < min_sample {
+            probe.run(s)?;
+            runs += 1;
+        }
+        Ok((runs * evals) as f64 / t.elapsed().as_secs_f64().max(1e-9))
+    };
+    let default = TensorSettings::default();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..reps.max(1) {
+        if i % 2 == 0 {
+            a.push(time(&record.settings)?);
+            b.push(time(&default)?);
+        } else {
+            b.push(time(&default)?);
+            a.push(time(&record.settings)?);
+        }
+    }
+    let now = median(&a);
+    Ok(Verification {
+        key: record.key.clone(),
+        settings: record.settings,
+        recorded_evals_per_sec: record.evals_per_sec,
+        evals_per_sec: now,
+        default_evals_per_sec: median(&b),
+        stale: now < 0.8 * record.evals_per_sec,
+    })
+}

@@ -126,8 +126,30 @@ enum AutotuneCommand {
         #[arg(long)]
         json: bool,
     },
+    /// `tensor`, then `endpoint` when an endpoint and model are given (or OPENAI_BASE_URL and
+    /// OPENAI_MODEL are set).
+    #[cfg(feature = "llm")]
+    All {
+        #[command(flatten)]
+        args: TensorArgs,
+        /// Base URL of the endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The model.
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// The saved records (all, or those whose key starts with KEY).
     Show {
+        /// Key prefix.
+        key: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Times each saved record (all, or those whose key starts with KEY) against the default
+    /// again; a record 20% below what it promised is marked stale.
+    Verify {
         /// Key prefix.
         key: Option<String>,
         /// Print JSON.
@@ -240,6 +262,45 @@ fn autotune_tensor(a: &TensorArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if a.json {
         println!("{}", serde_json::to_string(&records)?);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "llm")]
+#[allow(clippy::too_many_arguments)]
+fn autotune_endpoint(
+    endpoint: &str,
+    model: &str,
+    key: Option<String>,
+    max_requests: Option<u64>,
+    budget: Option<&str>,
+    full: bool,
+    no_save: bool,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use hyperfunc::autotune::endpoint;
+    let key = key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
+    let mut probe = endpoint::EndpointProbe::new(endpoint, key.as_deref(), model);
+    if full {
+        probe = probe.full();
+    }
+    if let Some(n) = max_requests {
+        probe.max_requests = n;
+    }
+    if let Some(b) = budget {
+        probe.budget =
+            std::time::Duration::from_secs(hyperfunc::tune::parse_span(b)?.max(1) as u64);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(endpoint::tune(&probe))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", r.to_markdown());
+    }
+    if !no_save {
+        let p = hyperfunc::autotune::Store::default_location().save_endpoint(&r)?;
+        eprintln!("saved {}", p.display());
     }
     Ok(())
 }
@@ -515,31 +576,42 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 full,
                 no_save,
                 json,
+            }) => autotune_endpoint(
+                &endpoint,
+                &model,
+                key,
+                max_requests,
+                budget.as_deref(),
+                full,
+                no_save,
+                json,
+            )?,
+            #[cfg(feature = "llm")]
+            Some(AutotuneCommand::All {
+                args,
+                endpoint,
+                model,
             }) => {
-                use hyperfunc::autotune::endpoint;
-                let key = key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
-                let mut probe = endpoint::EndpointProbe::new(&endpoint, key.as_deref(), &model);
-                if full {
-                    probe = probe.full();
-                }
-                if let Some(n) = max_requests {
-                    probe.max_requests = n;
-                }
-                if let Some(b) = budget {
-                    probe.budget = std::time::Duration::from_secs(
-                        hyperfunc::tune::parse_span(&b)?.max(1) as u64,
-                    );
-                }
-                let rt = tokio::runtime::Runtime::new()?;
-                let r = rt.block_on(endpoint::tune(&probe))?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!("{}", r.to_markdown());
-                }
-                if !no_save {
-                    let p = hyperfunc::autotune::Store::default_location().save_endpoint(&r)?;
-                    eprintln!("saved {}", p.display());
+                autotune_tensor(&args)?;
+                let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                match (
+                    endpoint.or_else(|| var("OPENAI_BASE_URL")),
+                    model.or_else(|| var("OPENAI_MODEL")),
+                ) {
+                    (Some(e), Some(m)) => autotune_endpoint(
+                        &e,
+                        &m,
+                        None,
+                        None,
+                        args.budget.as_deref(),
+                        args.full,
+                        args.no_save,
+                        args.json,
+                    )?,
+                    _ => eprintln!(
+                        "no endpoint tuned: give --endpoint and --model (or OPENAI_BASE_URL and \
+                         OPENAI_MODEL)"
+                    ),
                 }
             }
             Some(AutotuneCommand::Show { key, json }) => {
@@ -557,6 +629,45 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     for r in &records {
                         println!("{}", r.to_markdown());
                     }
+                }
+            }
+            Some(AutotuneCommand::Verify { key, json }) => {
+                use hyperfunc::autotune::tensor;
+                let store = hyperfunc::autotune::Store::default_location();
+                let fp = hyperfunc::autotune::SystemProfile::detect().fingerprint();
+                let mut out = Vec::new();
+                for r in store.list() {
+                    if !r.key.starts_with(key.as_deref().unwrap_or("")) || r.fingerprint != fp {
+                        continue;
+                    }
+                    let Some(probe) = tensor::MlpProbe::from_command(&r.command) else {
+                        eprintln!("{}: no built-in probe for `{}`; skipped", r.key, r.command);
+                        continue;
+                    };
+                    let v = tensor::verify(&probe?, &r, 5, std::time::Duration::from_millis(50))?;
+                    if v.stale {
+                        store.mark_stale(&r.key, &r.fingerprint)?;
+                    }
+                    if !json {
+                        println!(
+                            "{}: {} — {:.3} M evals/s now, {:.3} recorded, default {:.3}{}",
+                            v.key,
+                            v.settings,
+                            v.evals_per_sec / 1e6,
+                            v.recorded_evals_per_sec / 1e6,
+                            v.default_evals_per_sec / 1e6,
+                            if v.stale { " — STALE (marked)" } else { "" }
+                        );
+                    }
+                    out.push(v);
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&out)?);
+                } else if out.is_empty() {
+                    println!(
+                        "no record of this machine to verify in {}",
+                        store.dir.display()
+                    );
                 }
             }
             Some(AutotuneCommand::Clear { key }) => {

@@ -273,6 +273,19 @@ fn the_cli_tunes_shows_and_clears() {
         .unwrap();
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(shown.as_array().unwrap().len(), 2);
+    let verify = std::process::Command::new(bin)
+        .args(["autotune", "verify", "--json"])
+        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let verified: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(verified.as_array().unwrap().len(), 2, "{verified}");
+    assert!(verified[0]["evals_per_sec"].as_f64().unwrap() > 0.0);
     let clear = std::process::Command::new(bin)
         .args(["autotune", "clear"])
         .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
@@ -298,6 +311,45 @@ mod endpoint {
     fn url() -> String {
         std::env::var("HYPERFUNC_LLM_URL")
             .expect("HYPERFUNC_LLM_URL is not set: run the suite with `ci/test`")
+    }
+
+    #[test]
+    fn autotune_all_tunes_the_tensors_then_the_endpoint() {
+        let dir = super::temp_dir("all");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+            .args([
+                "autotune", "all", "--mlp", "8,4,2", "--pop", "16", "--rows", "16",
+            ])
+            .args([
+                "--budget",
+                "2s",
+                "--force",
+                "--json",
+                "--model",
+                "mock-gpt",
+                "--endpoint",
+            ])
+            .arg(url())
+            .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
+            .env("OPENAI_API_KEY", "sk-hf-free")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2, "{docs:?}");
+        assert!(docs[0][0]["key"].as_str().unwrap().starts_with("tensor-"));
+        assert_eq!(docs[1]["model"], "mock-gpt");
+        let store = Store::at(&dir);
+        assert_eq!(store.list().len(), 1);
+        assert!(store.get_endpoint(&url(), "mock-gpt").is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -513,4 +565,21 @@ async fn tuned_settings_reach_the_capacity_with_no_429_surfaced_to_callers() {
     }
     assert_eq!(server.throttled.load(Ordering::SeqCst), before);
     assert!(server.served.load(Ordering::SeqCst) >= 36);
+}
+
+#[test]
+fn verify_times_a_record_again_and_flags_a_broken_promise() {
+    let probe = MlpProbe::new(&[8, 4, 2], 16, 16, Some(1)).unwrap();
+    let again = MlpProbe::from_command(&probe.command()).unwrap().unwrap();
+    assert_eq!(again.key(), probe.key());
+    assert!(MlpProbe::from_command("hyperfunc autotune tensor --pop 16").is_none());
+    let mut r = tensor::tune(&probe, &quick()).unwrap();
+    let v = tensor::verify(&probe, &r, 3, Duration::from_millis(2)).unwrap();
+    assert!(v.evals_per_sec > 0.0 && v.default_evals_per_sec > 0.0);
+    r.evals_per_sec = 1e15;
+    assert!(
+        tensor::verify(&probe, &r, 1, Duration::from_millis(1))
+            .unwrap()
+            .stale
+    );
 }
