@@ -16,6 +16,7 @@ use crate::function::{Activation, HyperFn};
 use crate::param::ParamSpec;
 use crate::population::{evaluate_population, Population};
 use crate::system::Chain;
+use crate::util::median;
 use crate::{evaluate, metric, Es, Examples, Theta};
 
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -296,7 +297,8 @@ pub struct LedgerBench {
 /// Autotune: what a cache hit costs `optimize`.
 #[derive(Clone, Debug, Serialize)]
 pub struct AutotuneBench {
-    /// Median ms of the lookup `optimize` does (system fingerprint + record read) on a hit.
+    /// Median ms of the lookup `optimize` does on a hit (the machine's fingerprint is read once
+    /// per process; this is the record read).
     pub hit_ms: f64,
     /// The same on a miss (an empty cache directory).
     pub miss_ms: f64,
@@ -304,7 +306,7 @@ pub struct AutotuneBench {
 
 /// Times the record lookup on a hit and a miss (a record saved in a temporary directory).
 fn autotune_bench() -> Result<AutotuneBench> {
-    use crate::autotune::{tensor, Mode, Store, SystemProfile};
+    use crate::autotune::{machine_fingerprint, tensor, Mode, Store};
     let dir = std::env::temp_dir().join(format!("hyperfunc-bench-autotune-{}", std::process::id()));
     let store = Store::at(&dir);
     let probe = tensor::MlpProbe::new(&[16, 8, 4], 32, 32, None)?;
@@ -317,11 +319,10 @@ fn autotune_bench() -> Result<AutotuneBench> {
         let mut v = Vec::new();
         for _ in 0..50 {
             let t = Instant::now();
-            let fp = SystemProfile::detect().fingerprint();
-            std::hint::black_box(store.lookup(&key, &fp));
+            std::hint::black_box(store.lookup(&key, machine_fingerprint()));
             v.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        median(v)
+        median(&v)
     };
     let miss_ms = time(&store);
     store.save(&record, true)?;
@@ -359,15 +360,6 @@ pub struct BenchReport {
 
 /// Flops per Task B evaluation.
 pub const TASK_B_FLOPS: f64 = 2.0 * (64.0 * 32.0 + 32.0 * 10.0);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
-}
 
 /// Detects the machine.
 pub fn machine() -> Machine {
@@ -419,7 +411,7 @@ pub fn peak_gflops(n: usize) -> Result<f64> {
         }
         rates.push(2.0 * (n as f64).powi(3) * reps as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
-    Ok(median(rates))
+    Ok(median(&rates))
 }
 
 fn labels_tensor(y: &[usize], dev: &Device) -> Result<Tensor> {
@@ -468,7 +460,7 @@ pub async fn task_a(data: &TaskAData, rank: Option<usize>, cfg: &BenchConfig) ->
     let theta = first.unwrap_or_default();
     Ok(TaskARun {
         noise: if rank.is_some() { "rank1" } else { "dense" },
-        ms_per_gen: median(runs.clone()),
+        ms_per_gen: median(&runs),
         ms_per_gen_runs: runs,
         train_acc: evaluate(&net, &theta, &train, &metric::class_accuracy()).await?,
         test_acc: evaluate(&net, &theta, &test, &metric::class_accuracy()).await?,
@@ -539,7 +531,7 @@ pub async fn task_b(
         }
         rates.push((n * pop * 256) as f64 / t.elapsed().as_secs_f64());
     }
-    Ok(median(rates))
+    Ok(median(&rates))
 }
 
 /// Measures the observation overhead.
@@ -583,7 +575,7 @@ pub async fn observe_cost(data: &TaskBData, min_secs: f64) -> Result<ObserveCost
     }
     Ok(ObserveCost {
         ns_per_record,
-        eval_time_ratio: median(ratios),
+        eval_time_ratio: median(&ratios),
     })
 }
 
@@ -621,15 +613,14 @@ pub async fn gridworld(pop: usize, episodes: usize, reps: usize) -> Result<GridW
     Ok(GridWorldBench {
         pop,
         episodes,
-        episodes_per_sec: median(eps),
-        steps_per_sec: median(sps),
+        episodes_per_sec: median(&eps),
+        steps_per_sec: median(&sps),
     })
 }
 
 /// The memory benchmark on a temporary SQLite file: 10 k and 100 k entries (2 k when quick).
 fn memory_bench(quick: bool) -> Result<crate::memory::MemoryBench> {
-    let path =
-        std::env::temp_dir().join(format!("hyperfunc-bench-memory-{}.db", std::process::id()));
+    let (path, cleanup) = temp_db("memory");
     let (sizes, queries): (&[usize], usize) = if quick {
         (&[2_000], 50)
     } else {
@@ -646,9 +637,7 @@ fn memory_bench(quick: bool) -> Result<crate::memory::MemoryBench> {
                 ))
             })
     });
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    cleanup();
     out
 }
 
@@ -693,7 +682,7 @@ pub async fn tune_bench(quick: bool) -> Result<TuneBench> {
         })??;
     Ok(TuneBench {
         calls,
-        ns_per_call_p50: median(ns),
+        ns_per_call_p50: median(&ns),
         ns_per_call_p99: p99,
         regret,
         shared_store,
@@ -701,6 +690,7 @@ pub async fn tune_bench(quick: bool) -> Result<TuneBench> {
     })
 }
 
+/// A SQLite path in the temp dir, and what removes it with its WAL files (run once already).
 fn temp_db(name: &str) -> (std::path::PathBuf, impl Fn()) {
     let path = std::env::temp_dir().join(format!(
         "hyperfunc-bench-{name}-{}.sqlite",
@@ -824,8 +814,8 @@ fn ledger_bench(quick: bool) -> Result<LedgerBench> {
     Ok(LedgerBench {
         calls,
         records_per_sec,
-        report_ms: median(report),
-        adhoc_ms: median(adhoc),
+        report_ms: median(&report),
+        adhoc_ms: median(&adhoc),
     })
 }
 

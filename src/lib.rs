@@ -57,6 +57,7 @@ mod rng;
 mod system;
 mod theta;
 pub mod tune;
+mod util;
 
 pub use data::{Examples, Value};
 pub use error::{Error, Result};

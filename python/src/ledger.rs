@@ -9,11 +9,9 @@
 //! file, see `to_py`).
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyperfunc::tune::{
-    parse_span, parse_time, CostDim, Ledger, LlmReportOptions, Meter, MeterPrice, PriceTable,
-    Window,
+    parse_since, CostDim, Ledger, LlmReportOptions, Meter, MeterPrice, PriceTable, Window,
 };
 use hyperfunc::Error;
 use pyo3::exceptions::PyTypeError;
@@ -22,12 +20,6 @@ use pyo3::types::{PyList, PyString, PyTuple};
 
 use crate::{from_json, to_json, to_py, ConfigError, HyperfuncError, PyHub};
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// `None`; a span back from now (`"30d"`, `"12h"`, `"2w"`); a date or time (`"2026-11-01"`,
 /// `"2026-11-01T12:00"`, UTC); or Unix seconds (an int) → the first Unix second covered.
 fn since_of(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
@@ -35,11 +27,7 @@ fn since_of(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
         return Ok(None);
     };
     if let Ok(s) = v.cast::<PyString>() {
-        let s = s.to_cow()?;
-        return match parse_span(&s) {
-            Ok(span) => Ok(Some(now() - span)),
-            Err(_) => parse_time(&s).map(Some).map_err(to_py),
-        };
+        return parse_since(&s.to_cow()?).map(Some).map_err(to_py);
     }
     if let Ok(t) = v.extract::<i64>() {
         return Ok(Some(t));
@@ -359,9 +347,8 @@ impl PyLedgerCore {
         after: &str,
         label: Option<&str>,
     ) -> PyResult<hyperfunc::tune::Comparison> {
-        let t = now();
-        let before = Window::parse(before, t).map_err(to_py)?;
-        let after = Window::parse(after, t).map_err(to_py)?;
+        let before: Window = before.parse().map_err(to_py)?;
+        let after: Window = after.parse().map_err(to_py)?;
         py.detach(|| self.ledger.compare(&before, &after, label))
             .map_err(to_py)
     }

@@ -21,6 +21,7 @@ use serde_json::{json, Value as Json};
 
 use crate::error::{Error, Result};
 use crate::llm::EndpointConfig;
+use crate::util::nearest_rank;
 
 /// Checks one answer: `true` when it is usable.
 pub type Validator = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
@@ -409,22 +410,8 @@ impl Session<'_> {
     async fn level(&self, level: usize, n: u64, goal_ms: f64) -> Result<(Level, Option<f64>)> {
         let t0 = Instant::now();
         let mut running = FuturesUnordered::new();
-        let (mut launched, mut lat, mut l) = (
-            0u64,
-            Vec::new(),
-            Level {
-                concurrency: level,
-                requests: 0,
-                throughput_rps: 0.0,
-                p50_ms: 0.0,
-                p95_ms: 0.0,
-                p99_ms: 0.0,
-                errors: 0,
-                throttled: 0,
-                invalid: 0,
-                good: true,
-            },
-        );
+        let (mut launched, mut requests, mut errors, mut throttled, mut invalid) = (0, 0, 0, 0, 0);
+        let mut lat = Vec::new();
         let mut retry_after = None;
         loop {
             while launched < n && running.len() < level {
@@ -435,43 +422,42 @@ impl Session<'_> {
                 break;
             };
             let shot = shot?;
-            l.requests += 1;
+            requests += 1;
             if shot.status == 400 {
                 return Err(endpoint_error(format!(
                     "{} refused a request as bad (400) for model `{}`; not retried",
                     self.probe.base_url, self.probe.model
                 )));
             }
-            if shot.status == 429 || shot.status == 503 || shot.timeout || shot.status >= 500 {
-                l.errors += 1;
-                if shot.status == 429 {
-                    l.throttled += 1;
-                }
+            if shot.status == 429 || shot.status >= 500 || shot.timeout {
+                errors += 1;
+                throttled += u64::from(shot.status == 429);
                 retry_after = Some(shot.retry_after_s.unwrap_or(1.0));
                 // What is still in flight is dropped: it would only add throttles.
-                drop(running);
                 break;
             }
             if (self.probe.validator)(&shot.text, &shot.finish) {
                 lat.push(shot.latency_ms);
             } else {
-                l.invalid += 1;
+                invalid += 1;
             }
         }
+        drop(running);
         lat.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            if lat.is_empty() {
-                0.0
-            } else {
-                lat[((lat.len() - 1) as f64 * q).round() as usize]
-            }
+        let p95_ms = nearest_rank(&lat, 0.95);
+        let level = Level {
+            concurrency: level,
+            requests,
+            throughput_rps: lat.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            p50_ms: nearest_rank(&lat, 0.5),
+            p95_ms,
+            p99_ms: nearest_rank(&lat, 0.99),
+            errors,
+            throttled,
+            invalid,
+            good: errors == 0 && invalid == 0 && p95_ms <= goal_ms && !lat.is_empty(),
         };
-        l.p50_ms = pct(0.5);
-        l.p95_ms = pct(0.95);
-        l.p99_ms = pct(0.99);
-        l.throughput_rps = lat.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        l.good = l.errors == 0 && l.invalid == 0 && l.p95_ms <= goal_ms && !lat.is_empty();
-        Ok((l, retry_after))
+        Ok((level, retry_after))
     }
 }
 
@@ -618,7 +604,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
     let single_ms = {
         let mut v: Vec<f64> = samples.iter().map(|x| x.2).collect();
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(1_000.0)
+        nearest_rank(&v, 0.5)
     };
     let goal_ms = probe
         .latency_goal
@@ -736,9 +722,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         retry_after_s,
         stop_reason,
         confidence,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64),
+        created_at: crate::util::now_s() as i64,
         seconds: s.started.elapsed().as_secs_f64(),
     })
 }

@@ -161,7 +161,7 @@ impl SystemProfile {
             self.gpu,
             self.versions
         );
-        crate::tune::content_hash_hex(text.as_bytes())
+        crate::util::fnv1a_hex(text.as_bytes())
     }
 
     /// A short Markdown panel.
@@ -187,6 +187,97 @@ impl SystemProfile {
             self.gpu.as_deref().unwrap_or("none"),
             self.fingerprint()
         )
+    }
+}
+
+/// This machine's [`SystemProfile::fingerprint`], read once per process.
+pub(crate) fn machine_fingerprint() -> &'static str {
+    static FP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FP.get_or_init(|| SystemProfile::detect().fingerprint())
+}
+
+/// The autotuned settings one `Es::optimize` uses. Looking a record up sets the process's tile
+/// size; dropping this puts it back, however the run ends.
+#[derive(Default)]
+pub(crate) struct InUse {
+    record: Option<Record>,
+    store: Option<Store>,
+    prev_tile: Option<usize>,
+    note: Option<String>,
+}
+
+impl InUse {
+    /// The record for evaluating `pop` on `rows` examples on this machine, applied; nothing
+    /// when there is none or `HYPERFUNC_AUTOTUNE` is `0` or `off`.
+    pub(crate) fn look_up(pop: &crate::Population, rows: usize) -> Self {
+        if std::env::var("HYPERFUNC_AUTOTUNE").is_ok_and(|v| v == "0" || v == "off") {
+            return Self::default();
+        }
+        let key = tensor::ShapeKey::of(pop, rows);
+        let store = Store::default_location();
+        let Some(record) = store.lookup(&key, machine_fingerprint()) else {
+            return Self::default();
+        };
+        let prev_tile = crate::layers::set_tile_floats(Some(record.settings.tile_floats));
+        tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
+        Self {
+            note: Some(format!(
+                "{key}: {} (tuned for {})",
+                record.settings, record.key
+            )),
+            record: Some(record),
+            store: Some(store),
+            prev_tile,
+        }
+    }
+
+    /// The batch size the record sets.
+    pub(crate) fn max_batch_size(&self) -> Option<usize> {
+        self.record.as_ref().map(|r| r.settings.max_batch_size)
+    }
+
+    /// After a timed generation: a record 20% slower than it promised is marked stale and
+    /// dropped (true: fall back to the defaults).
+    pub(crate) fn check(&mut self, evals: usize, eval_s: f64) -> bool {
+        let Some(r) = &self.record else {
+            return false;
+        };
+        let rate = evals as f64 / eval_s.max(1e-9);
+        if rate >= 0.8 * r.evals_per_sec {
+            return false;
+        }
+        let why = format!(
+            "{}: autotuned settings ran at {:.0} evals/s, {:.0}% below the {:.0} recorded; \
+             marked stale, back to the defaults",
+            r.key,
+            rate,
+            100.0 * (1.0 - rate / r.evals_per_sec),
+            r.evals_per_sec
+        );
+        eprintln!("warning: {why}");
+        if let Some(store) = &self.store {
+            let _ = store.mark_stale(&r.key, &r.fingerprint);
+        }
+        self.release();
+        self.note = Some(why);
+        true
+    }
+
+    /// What the run used, or why it dropped it, for the report.
+    pub(crate) fn take_note(&mut self) -> Option<String> {
+        self.note.take()
+    }
+
+    fn release(&mut self) {
+        if self.record.take().is_some() {
+            crate::layers::set_tile_floats(self.prev_tile.take());
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -20,6 +20,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use super::{Candidate, Mode, Record, SystemProfile, TensorSettings};
 use crate::error::{Error, Result};
 use crate::prelude::*;
+use crate::util::median;
 
 /// The problem shape a record is for: parameters (names, shapes, perturbation kinds), dtype,
 /// and the population and example counts rounded up to powers of two.
@@ -45,7 +46,7 @@ impl ShapeKey {
             .filter_map(|p| p.rsplit(':').next())
             .collect();
         Self {
-            shape_hash: crate::tune::content_hash_hex(sig.as_bytes())[..12].to_string(),
+            shape_hash: crate::util::fnv1a_hex(sig.as_bytes())[..12].to_string(),
             summary: format!(
                 "{} params, {values} values, {}",
                 pop.base().iter().count(),
@@ -239,20 +240,6 @@ impl Options {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        0.5 * (s[n / 2 - 1] + s[n / 2])
-    }
-}
-
 /// The candidate grid: tiles × batch sizes, the default first.
 fn grid(evals: usize) -> Vec<TensorSettings> {
     let d = TensorSettings::default();
@@ -319,22 +306,8 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .unwrap_or_else(|| (profile.ram_available_bytes / 4).max(256 << 20));
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
     let default = TensorSettings::default();
-    // One sample: runs repeated for at least `min_sample`, so short evaluations are not timed
-    // at the clock's resolution.
-    let min_sample = opts.min_sample.as_secs_f64();
-    let time = |s: &TensorSettings| -> Result<(f64, Vec<f32>)> {
-        let t = Instant::now();
-        let f = probe.run(s)?;
-        let mut runs = 1usize;
-        while t.elapsed().as_secs_f64() < min_sample {
-            probe.run(s)?;
-            runs += 1;
-        }
-        Ok((
-            (runs * evals) as f64 / t.elapsed().as_secs_f64().max(1e-9),
-            f,
-        ))
-    };
+    let time = |s: &TensorSettings| sample(probe, s, opts.min_sample);
+    let bytes = |s: &TensorSettings| (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64;
     // Reference fitness and timing noise of the default.
     let (_, reference) = time(&default)?;
     let mut base = Vec::new();
@@ -350,23 +323,13 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     let mut candidates: BTreeMap<TensorSettings, Candidate> = BTreeMap::new();
     let mut pool = Vec::new();
     for s in grid(evals) {
-        let rows = s.max_batch_size.min(evals);
-        let bytes = (rows * probe.bytes_per_row()) as u64;
-        if bytes > mem_budget {
-            candidates.insert(
-                s,
-                Candidate {
-                    settings: s,
-                    evals_per_sec: 0.0,
-                    runs: 0,
-                    pct_of_best: 0.0,
-                    excluded: Some(format!(
-                        "needs about {} MiB per forward, over the {} MiB budget",
-                        bytes >> 20,
-                        mem_budget >> 20
-                    )),
-                },
+        if bytes(&s) > mem_budget {
+            let why = format!(
+                "needs about {} MiB per forward, over the {} MiB budget",
+                bytes(&s) >> 20,
+                mem_budget >> 20
             );
+            candidates.insert(s, excluded(s, why));
         } else {
             pool.push(s);
         }
@@ -389,29 +352,31 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         }
     }
     // Correctness gate.
-    let mut checked = 0;
+    let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
     live.retain(|s| {
         checked += 1;
         let (rate, f) = match time(s) {
             Ok(x) => x,
             Err(e) => {
+                rejected += 1;
                 candidates.insert(*s, excluded(*s, format!("failed: {e}")));
                 return false;
             }
         };
         if let Some(why) = fitness_matches(&f, &reference, opts.tolerance) {
+            rejected += 1;
             candidates.insert(*s, excluded(*s, why));
             return *s == default;
         }
         times.entry(*s).or_default().push(rate);
         true
     });
-    let over = |t: &Instant| t.elapsed() >= budget;
+    let over = || started.elapsed() >= budget;
     let mut stop_reason = "converged".to_string();
     // Successive halving, interleaved.
     while live.len() > 2 {
-        if over(&started) {
+        if over() {
             stop_reason = "budget".into();
             break;
         }
@@ -435,7 +400,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .copied()
         .max_by(|a, b| median(&times[a]).total_cmp(&median(&times[b])))
         .unwrap_or(default);
-    if !over(&started) {
+    if !over() {
         let mut near = Vec::new();
         for (t, b) in [(2, 1), (1, 2)] {
             let up = TensorSettings {
@@ -447,24 +412,24 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
                 max_batch_size: (leader.max_batch_size / b).max(1),
             };
             for s in [up, down] {
-                let rows = s.max_batch_size.min(evals);
                 if s != leader
                     && !times.contains_key(&s)
                     && !candidates.contains_key(&s)
-                    && (rows * probe.bytes_per_row()) as u64 <= mem_budget
+                    && bytes(&s) <= mem_budget
                 {
                     near.push(s);
                 }
             }
         }
         for s in near {
-            if over(&started) {
+            if over() {
                 stop_reason = "budget".into();
                 break;
             }
             checked += 1;
             let (rate, f) = time(&s)?;
             if let Some(why) = fitness_matches(&f, &reference, opts.tolerance) {
+                rejected += 1;
                 candidates.insert(s, excluded(s, why));
                 continue;
             }
@@ -485,21 +450,19 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .max_by(|a, b| median(a.1).total_cmp(&median(b.1)))
         .map_or(default, |(s, _)| *s);
     // Final: leader against the default, interleaved, paired.
-    let (mut lead_t, mut def_t) = (Vec::new(), Vec::new());
-    if leader != default {
-        for _ in 0..(2 * reps).max(6) {
-            if rng.random_bool(0.5) {
-                lead_t.push(time(&leader)?.0);
-                def_t.push(time(&default)?.0);
-            } else {
-                def_t.push(time(&default)?.0);
-                lead_t.push(time(&leader)?.0);
-            }
-        }
+    let (lead_t, def_t) = if leader != default {
+        paired(
+            probe,
+            leader,
+            default,
+            (2 * reps).max(6),
+            opts.min_sample,
+            &mut rng,
+        )?
     } else {
-        def_t = times.get(&default).cloned().unwrap_or_default();
-        lead_t = def_t.clone();
-    }
+        let d = times.get(&default).cloned().unwrap_or_default();
+        (d.clone(), d)
+    };
     let speedup = median(&lead_t) / median(&def_t).max(1e-9);
     let ci = bootstrap_ratio(&lead_t, &def_t, &mut rng);
     let chosen = if leader != default && ci.0 > 1.0 {
@@ -571,29 +534,57 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         runner_up,
         margin,
         noise_cv,
-        correctness: (
-            checked
-                - list
-                    .iter()
-                    .filter(|c| {
-                        c.excluded
-                            .as_deref()
-                            .is_some_and(|w| w.contains("wrong results") || w.starts_with("failed"))
-                    })
-                    .count(),
-            checked,
-        ),
+        correctness: (checked - rejected, checked),
         candidates: list,
         stop_reason,
         confidence,
         confidence_factors: factors,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64),
+        created_at: crate::util::now_s() as i64,
         seconds: started.elapsed().as_secs_f64(),
         stale: false,
         command: probe.command(),
     })
+}
+
+/// One timing sample of `s`: evaluations per second over runs repeated for at least
+/// `min_sample` (so short evaluations are not timed at the clock's resolution), and the first
+/// run's fitness.
+fn sample(
+    probe: &dyn Probe,
+    s: &TensorSettings,
+    min_sample: std::time::Duration,
+) -> Result<(f64, Vec<f32>)> {
+    let t = Instant::now();
+    let f = probe.run(s)?;
+    let mut runs = 1usize;
+    while t.elapsed() < min_sample {
+        probe.run(s)?;
+        runs += 1;
+    }
+    let rate = (runs * probe.evals()) as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    Ok((rate, f))
+}
+
+/// `n` samples each of `a` and `b`, interleaved in random order so drift hits both alike.
+fn paired(
+    probe: &dyn Probe,
+    a: TensorSettings,
+    b: TensorSettings,
+    n: usize,
+    min_sample: std::time::Duration,
+    rng: &mut Xoshiro256PlusPlus,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut ta, mut tb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let mut pair = [(a, &mut ta), (b, &mut tb)];
+        if rng.random_bool(0.5) {
+            pair.reverse();
+        }
+        for (s, out) in pair {
+            out.push(sample(probe, &s, min_sample)?.0);
+        }
+    }
+    Ok((ta, tb))
 }
 
 fn excluded(s: TensorSettings, why: String) -> Candidate {
@@ -676,27 +667,16 @@ pub fn verify(
     reps: usize,
     min_sample: std::time::Duration,
 ) -> Result<Verification> {
-    let evals = probe.evals();
-    let time = |s: &TensorSettings| -> Result<f64> {
-        let t = Instant::now();
-        let mut runs = 0usize;
-        while runs == 0 || t.elapsed() < min_sample {
-            probe.run(s)?;
-            runs += 1;
-        }
-        Ok((runs * evals) as f64 / t.elapsed().as_secs_f64().max(1e-9))
-    };
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(0);
     let default = TensorSettings::default();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for i in 0..reps.max(1) {
-        if i % 2 == 0 {
-            a.push(time(&record.settings)?);
-            b.push(time(&default)?);
-        } else {
-            b.push(time(&default)?);
-            a.push(time(&record.settings)?);
-        }
-    }
+    let (a, b) = paired(
+        probe,
+        record.settings,
+        default,
+        reps.max(1),
+        min_sample,
+        &mut rng,
+    )?;
     let now = median(&a);
     Ok(Verification {
         key: record.key.clone(),

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hyperfunc::tune::Window;
 
 /// Train compound AI systems without backpropagation.
 #[derive(Parser)]
@@ -114,8 +115,8 @@ enum AutotuneCommand {
         #[arg(long)]
         max_requests: Option<u64>,
         /// Wall-clock budget (`2m`, `90s`).
-        #[arg(long)]
-        budget: Option<String>,
+        #[arg(long, value_parser = budget)]
+        budget: Option<std::time::Duration>,
         /// 2 000 requests and 15 minutes at most.
         #[arg(long)]
         full: bool,
@@ -165,12 +166,12 @@ enum AutotuneCommand {
 
 #[derive(clap::Args, Clone)]
 struct TensorArgs {
-    /// MLP layer sizes, comma-separated (default: the benchmark's 64,32,10).
-    #[arg(long)]
-    mlp: Option<String>,
+    /// MLP layer sizes, comma-separated (default: the benchmark's).
+    #[arg(long, value_delimiter = ',', default_value = "64,32,10")]
+    mlp: Vec<usize>,
     /// Population sizes, comma-separated.
-    #[arg(long, default_value = "256")]
-    pop: String,
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    pop: Vec<usize>,
     /// Examples per evaluation.
     #[arg(long, default_value_t = 256)]
     rows: usize,
@@ -187,8 +188,8 @@ struct TensorArgs {
     #[arg(long)]
     full: bool,
     /// Wall-clock budget per shape (`90s`, `2m`), overriding the mode's.
-    #[arg(long)]
-    budget: Option<String>,
+    #[arg(long, value_parser = budget)]
+    budget: Option<std::time::Duration>,
     /// Do not save the result.
     #[arg(long)]
     no_save: bool,
@@ -203,22 +204,15 @@ struct TensorArgs {
     json: bool,
 }
 
+/// A wall-clock budget such as `90s` or `2m` (at least a second).
+fn budget(s: &str) -> Result<std::time::Duration, String> {
+    hyperfunc::tune::parse_span(s)
+        .map(|secs| std::time::Duration::from_secs(secs.max(1) as u64))
+        .map_err(|e| e.to_string())
+}
+
 fn autotune_tensor(a: &TensorArgs) -> Result<(), Box<dyn std::error::Error>> {
     use hyperfunc::autotune::{tensor, Mode, Store, SystemProfile};
-    let sizes: Vec<usize> = a
-        .mlp
-        .as_deref()
-        .unwrap_or("64,32,10")
-        .split(',')
-        .map(|x| x.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("--mlp: {e}; write sizes like 64,32,10"))?;
-    let pops: Vec<usize> = a
-        .pop
-        .split(',')
-        .map(|x| x.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("--pop: {e}; write sizes like 64,256"))?;
     let mode = if a.full {
         Mode::Full
     } else if a.normal {
@@ -227,19 +221,15 @@ fn autotune_tensor(a: &TensorArgs) -> Result<(), Box<dyn std::error::Error>> {
         Mode::Quick
     };
     let mut opts = tensor::Options::new(mode);
-    if let Some(b) = &a.budget {
-        opts.budget = Some(std::time::Duration::from_secs(
-            hyperfunc::tune::parse_span(b)?.max(1) as u64,
-        ));
-    }
+    opts.budget = a.budget;
     let store = Store::default_location();
     let profile = SystemProfile::detect();
     if !a.json {
         println!("{}", profile.to_markdown());
     }
     let mut records = Vec::new();
-    for pop in pops {
-        let probe = tensor::MlpProbe::new(&sizes, pop, a.rows, a.rank)?;
+    for &pop in &a.pop {
+        let probe = tensor::MlpProbe::new(&a.mlp, pop, a.rows, a.rank)?;
         eprintln!(
             "autotune: {} ({mode:?}, budget {:?})",
             hyperfunc::autotune::tensor::Probe::key(&probe),
@@ -273,7 +263,7 @@ fn autotune_endpoint(
     model: &str,
     key: Option<String>,
     max_requests: Option<u64>,
-    budget: Option<&str>,
+    budget: Option<std::time::Duration>,
     full: bool,
     no_save: bool,
     json: bool,
@@ -288,8 +278,7 @@ fn autotune_endpoint(
         probe.max_requests = n;
     }
     if let Some(b) = budget {
-        probe.budget =
-            std::time::Duration::from_secs(hyperfunc::tune::parse_span(b)?.max(1) as u64);
+        probe.budget = b;
     }
     let rt = tokio::runtime::Runtime::new()?;
     let r = rt.block_on(endpoint::tune(&probe))?;
@@ -410,19 +399,9 @@ enum LlmCommand {
     },
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// `30d` → now − 30 days; `2026-11-01` → that day.
 fn since(s: Option<&str>) -> Result<Option<i64>, hyperfunc::Error> {
-    s.map(|s| match hyperfunc::tune::parse_span(s) {
-        Ok(span) => Ok(now() - span),
-        Err(_) => hyperfunc::tune::parse_time(s),
-    })
-    .transpose()
+    s.map(hyperfunc::tune::parse_since).transpose()
 }
 
 fn ledger(store: &std::path::Path) -> Result<hyperfunc::tune::Ledger, Box<dyn std::error::Error>> {
@@ -581,7 +560,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 &model,
                 key,
                 max_requests,
-                budget.as_deref(),
+                budget,
                 full,
                 no_save,
                 json,
@@ -603,7 +582,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                         &m,
                         None,
                         None,
-                        args.budget.as_deref(),
+                        args.budget,
                         args.full,
                         args.no_save,
                         args.json,
@@ -784,8 +763,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     json,
                 },
         } => {
-            let w = |s: &str| hyperfunc::tune::Window::parse(s, now());
-            let cmp = ledger(&store)?.compare(&w(&before)?, &w(&after)?, label.as_deref())?;
+            let (before, after): (Window, Window) = (before.parse()?, after.parse()?);
+            let cmp = ledger(&store)?.compare(&before, &after, label.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string(&cmp)?);
             } else {

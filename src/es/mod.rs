@@ -459,7 +459,9 @@ impl Es {
         let mut since_improved = 0;
         let mut stop = StopReason::Generations;
         let mut stop_detail = None;
-        let mut tuned = TunedUse::default();
+        // Autotuned settings apply unless the batch size was set or θ lives off the CPU; the
+        // tile size goes back when `tuned` drops, however the run ends.
+        let mut tuned = crate::autotune::InUse::default();
         let mut max_batch_size = self.max_batch_size;
 
         for g in 0..self.generations {
@@ -468,11 +470,13 @@ impl Es {
                 break;
             }
             let pop = run.ask_shared()?;
-            if g == 0 {
-                tuned = TunedUse::look_up(self, &pop, examples.len());
-                if let Some(r) = &tuned.record {
-                    max_batch_size = r.settings.max_batch_size;
-                }
+            if g == 0
+                && self.autotune
+                && self.max_batch_size == DEFAULT_MAX_BATCH_SIZE
+                && matches!(self.device, Device::Cpu)
+            {
+                tuned = crate::autotune::InUse::look_up(&pop, examples.len());
+                max_batch_size = tuned.max_batch_size().unwrap_or(max_batch_size);
             }
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
             let trace = Trace {
@@ -490,14 +494,7 @@ impl Es {
                 max_batch_size,
                 trace,
             )
-            .await;
-            let eval = match eval {
-                Ok(e) => e,
-                Err(e) => {
-                    tuned.restore();
-                    return Err(e);
-                }
-            };
+            .await?;
             let eval_s = t0.elapsed().as_secs_f64();
             if g == 2 && tuned.check(p * examples.len(), eval_s) {
                 max_batch_size = self.max_batch_size;
@@ -625,7 +622,7 @@ impl Es {
             ("es.seed".into(), self.seed.into()),
         ];
         hub.push(rec);
-        let autotune = tuned.restore();
+        let autotune = tuned.take_note();
         Ok(Report {
             theta,
             final_fitness,
@@ -900,82 +897,4 @@ fn noise_sums(
             Ok((name.clone(), sum))
         })
         .collect()
-}
-
-/// Autotuned settings in use during one `optimize`.
-#[derive(Default)]
-struct TunedUse {
-    record: Option<crate::autotune::Record>,
-    store: Option<crate::autotune::Store>,
-    prev_tile: Option<usize>,
-    note: Option<String>,
-}
-
-impl TunedUse {
-    /// The record for this population on this machine, applied (tile size set), if autotune is
-    /// on, the batch size was not set explicitly and θ lives on the CPU.
-    fn look_up(es: &Es, pop: &crate::Population, rows: usize) -> Self {
-        let off = std::env::var("HYPERFUNC_AUTOTUNE").is_ok_and(|v| v == "0" || v == "off");
-        if !es.autotune
-            || off
-            || es.max_batch_size != DEFAULT_MAX_BATCH_SIZE
-            || !matches!(es.device, Device::Cpu)
-        {
-            return Self::default();
-        }
-        let key = crate::autotune::tensor::ShapeKey::of(pop, rows);
-        let store = crate::autotune::Store::default_location();
-        let fingerprint = crate::autotune::SystemProfile::detect().fingerprint();
-        let Some(record) = store.lookup(&key, &fingerprint) else {
-            return Self::default();
-        };
-        let prev_tile = crate::layers::set_tile_floats(Some(record.settings.tile_floats));
-        let note = Some(format!(
-            "{}: {} (tuned for {})",
-            key, record.settings, record.key
-        ));
-        tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
-        Self {
-            record: Some(record),
-            store: Some(store),
-            prev_tile,
-            note,
-        }
-    }
-
-    /// After a timed generation: a record 20% slower than it promised is marked stale and
-    /// dropped (true: fall back to the defaults).
-    fn check(&mut self, evals: usize, eval_s: f64) -> bool {
-        let Some(r) = &self.record else {
-            return false;
-        };
-        let rate = evals as f64 / eval_s.max(1e-9);
-        if rate >= 0.8 * r.evals_per_sec {
-            return false;
-        }
-        let why = format!(
-            "{}: autotuned settings ran at {:.0} evals/s, {:.0}% below the {:.0} recorded; \
-             marked stale, back to the defaults",
-            r.key,
-            rate,
-            100.0 * (1.0 - rate / r.evals_per_sec),
-            r.evals_per_sec
-        );
-        eprintln!("warning: {why}");
-        if let Some(store) = &self.store {
-            let _ = store.mark_stale(&r.key, &r.fingerprint);
-        }
-        crate::layers::set_tile_floats(self.prev_tile.take());
-        self.record = None;
-        self.note = Some(why);
-        true
-    }
-
-    /// Puts the tile size back; the note for the report.
-    fn restore(&mut self) -> Option<String> {
-        if self.record.take().is_some() {
-            crate::layers::set_tile_floats(self.prev_tile.take());
-        }
-        self.note.take()
-    }
 }

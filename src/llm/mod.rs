@@ -364,10 +364,24 @@ impl ChatRequest {
         !self.no_cache && (self.seed.is_some() || self.temperature == Some(0.0))
     }
 
-    /// A rough token cost before the call: prompt characters / 4, plus the completion limit.
+    /// A rough token cost before the call: the prompt's estimate plus the completion limit.
     fn naive_tokens(&self) -> u32 {
+        self.prompt_tokens_estimate() + self.max_tokens.unwrap_or(256)
+    }
+
+    /// A rough count of the prompt's tokens: characters / 4 (16 per message for the framing).
+    fn prompt_tokens_estimate(&self) -> u32 {
         let chars: usize = self.messages.iter().map(|m| m.content.len() + 16).sum();
-        (chars / 4) as u32 + self.max_tokens.unwrap_or(256)
+        (chars / 4) as u32
+    }
+
+    /// What a call cancelled in flight is assumed to have used: its prompt, read by the
+    /// provider, and no completion.
+    fn cancelled_usage(&self) -> Usage {
+        Usage {
+            input_tokens: u64::from(self.prompt_tokens_estimate()),
+            ..Usage::default()
+        }
     }
 
     fn validate(&self) -> Result<(), LlmError> {
@@ -811,7 +825,7 @@ impl LlmClient {
 
     /// Sends one chat completion (cache, limiter, retries, usage and cost included).
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let started = crate::tune::now_s();
+        let started = crate::util::now_s();
         let t0 = std::time::Instant::now();
         let out = self.chat_inner(&req).await;
         if let Some(ledger) = self.ledger() {
@@ -868,34 +882,18 @@ impl LlmClient {
             });
         }
         let (usage, response, error) = match out {
-            Ok(r) => (
-                crate::tune::TokenUsage::from_usage(&r.usage),
-                r.text.clone(),
-                None,
-            ),
-            Err(e) => (
-                crate::tune::TokenUsage::default(),
-                String::new(),
-                Some(e.error_type()),
-            ),
+            Ok(r) => (r.usage, r.text.clone(), None),
+            Err(e) => (Usage::default(), String::new(), Some(e.error_type())),
         };
         let usage = if estimated {
-            // A cancelled call: the provider has read the prompt; nothing else is known.
-            crate::tune::TokenUsage {
-                input: u64::from(
-                    req.naive_tokens()
-                        .saturating_sub(req.max_tokens.unwrap_or(256)),
-                ),
-                ..Default::default()
-            }
+            req.cancelled_usage()
         } else {
             usage
         };
-        let client_price = model.price.and_then(|p| {
-            let m = crate::tune::ModelPrice::per_mtok(p.input_per_mtok, p.output_per_mtok).ok()?;
-            m.cache_read(p.cached_input_per_mtok.unwrap_or(p.input_per_mtok))
-                .ok()
-        });
+        let usage = crate::tune::TokenUsage::from_usage(&usage);
+        let client_price = model
+            .price
+            .and_then(|p| crate::tune::ModelPrice::from_llm(&p));
         let id = ledger.next_id();
         let row = crate::tune::LlmRow {
             cost: crate::tune::CostRow {
@@ -1298,7 +1296,7 @@ impl LlmClient {
         let mut running = FuturesUnordered::new();
         let mut next = 0usize;
         let launch = |i: usize| {
-            started[i].set(Some((crate::tune::now_s(), std::time::Instant::now())));
+            started[i].set(Some((crate::util::now_s(), std::time::Instant::now())));
             let r = requests[i].clone();
             async move { (i, self.chat(r).await) }
         };
@@ -1359,15 +1357,10 @@ impl LlmClient {
             e.entry = RaceEntry::Cancelled;
             e.latency_s = Some(latency);
             e.cost_estimated = true;
-            let model = self.model(&requests[i].model);
-            let prompt_tokens = u64::from(
-                requests[i]
-                    .naive_tokens()
-                    .saturating_sub(requests[i].max_tokens.unwrap_or(256)),
-            );
-            e.cost_usd = model
+            e.cost_usd = self
+                .model(&requests[i].model)
                 .price
-                .map_or(0.0, |p| p.input_per_mtok * prompt_tokens as f64 / 1e6);
+                .map_or(0.0, |p| p.cost(&requests[i].cancelled_usage()));
             if let Some(l) = &ledger {
                 let err = LlmError::InvalidRequest("cancelled by a race".into());
                 self.record(

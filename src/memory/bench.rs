@@ -168,13 +168,7 @@ async fn run(path: &Path, sizes: &[usize], queries: usize) -> Result<MemoryBench
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
         lat.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            if lat.is_empty() {
-                0.0
-            } else {
-                lat[((lat.len() - 1) as f64 * p).round() as usize]
-            }
-        };
+        let pct = |p: f64| crate::util::nearest_rank(&lat, p);
         out.push(SizeBench {
             entries: have,
             inserted,

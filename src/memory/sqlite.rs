@@ -548,12 +548,7 @@ impl Sqlite {
 /// narrow to one user before ranking (slower than an unscoped MATCH, so only a fallback). Collisions only widen that narrowing: results are still
 /// filtered on the exact `user_id`.
 fn user_key(user_id: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in user_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("u{h:016x}")
+    format!("u{}", crate::util::fnv1a_hex(user_id.as_bytes()))
 }
 
 fn join(op: &'static str) -> impl Fn(tokio::task::JoinError) -> Error {

@@ -9,6 +9,8 @@
 mod parse;
 mod signature;
 
+#[cfg(feature = "llm")]
+pub(crate) use parse::fences;
 pub use parse::{parse_fields, ParseFailure};
 pub use signature::{Field, FieldType, HasSignature, Signature};
 

@@ -124,14 +124,19 @@ fn json_objects(text: &str) -> Vec<Map<String, Json>> {
     out
 }
 
-/// The contents of ``` fenced blocks (a language tag on the opening line is skipped).
-fn fences(text: &str) -> Vec<&str> {
+/// The contents of ``` fenced blocks: a language tag on the opening line is skipped; a block
+/// on one line (```` ```json [1, 2]``` ````) starts after the fence and an optional `json`.
+pub(crate) fn fences(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(open) = rest.find("```") {
         let after = &rest[open + 3..];
-        let body_start = after.find('\n').map_or(after.len(), |n| n + 1);
-        let body = &after[body_start..];
+        let line_end = after.find('\n').unwrap_or(after.len());
+        let body = if after[..line_end].contains(['[', '{']) {
+            after.trim_start_matches("json")
+        } else {
+            &after[(line_end + 1).min(after.len())..]
+        };
         match body.find("```") {
             Some(close) => {
                 out.push(&body[..close]);

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::cost::{micros_to_usd, parse_span, parse_time, Micros};
 use super::ledger::Ledger;
 use crate::error::{Error, Result};
+use crate::util::nearest_rank;
 
 /// Settings of [`Ledger::llm_report`].
 #[derive(Clone, Debug, PartialEq)]
@@ -172,14 +173,6 @@ pub struct LlmReport {
     pub quiet_labels: Vec<(String, String)>,
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// A call's fragments in order: (hash, name, tokens).
 type Seq = Vec<(String, String, u64)>;
 
@@ -272,8 +265,8 @@ impl Ledger {
             .into_values()
             .map(|(mut op, mut lat)| {
                 lat.sort_by(f64::total_cmp);
-                op.p50_ms = percentile(&lat, 0.5);
-                op.p95_ms = percentile(&lat, 0.95);
+                op.p50_ms = nearest_rank(&lat, 0.5);
+                op.p95_ms = nearest_rank(&lat, 0.95);
                 op
             })
             .collect();
@@ -658,6 +651,15 @@ impl Window {
                 format!("`{s}`: write run:ID, FROM..TO (YYYY-MM-DD[THH:MM]) or a span like 24h"),
             )),
         }
+    }
+}
+
+/// [`Window::parse`] against the clock.
+impl std::str::FromStr for Window {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Window> {
+        Window::parse(s, crate::util::now_s() as i64)
     }
 }
 

@@ -202,6 +202,15 @@ impl ModelPrice {
         Ok(self)
     }
 
+    /// The LLM client's configured price (a cached-token price, when set, for cache reads);
+    /// `None` for a price out of range.
+    #[cfg(feature = "llm")]
+    pub(crate) fn from_llm(p: &crate::llm::Price) -> Option<Self> {
+        Self::per_mtok(p.input_per_mtok, p.output_per_mtok)
+            .and_then(|m| m.cache_read(p.cached_input_per_mtok.unwrap_or(p.input_per_mtok)))
+            .ok()
+    }
+
     /// The exact cost of `usage`, rounded to the nearest micro-dollar (halves up).
     pub fn cost(&self, usage: &TokenUsage) -> Micros {
         let p = i128::from(usage.input) * i128::from(self.input)
@@ -486,6 +495,23 @@ pub fn parse_time(s: &str) -> Result<i64> {
         t += h * 3600 + mi * 60 + sec;
     }
     Ok(t)
+}
+
+/// The start of a period: a span back from now (`30d`, `12h`, `2w`), else a date, a time or
+/// Unix seconds ([`parse_time`]).
+///
+/// # Examples
+/// ```
+/// use hyperfunc::tune::{parse_since, parse_time};
+/// assert_eq!(parse_since("2026-11-01").unwrap(), parse_time("2026-11-01").unwrap());
+/// assert!(parse_since("30d").unwrap() > parse_time("2020-01-01").unwrap());
+/// assert!(parse_since("last week").is_err());
+/// ```
+pub fn parse_since(s: &str) -> Result<i64> {
+    match parse_span(s) {
+        Ok(span) => Ok(crate::util::now_s() as i64 - span),
+        Err(_) => parse_time(s),
+    }
 }
 
 /// Seconds in a span like `30d`, `12h`, `90m`, `45s` or `2w`.

@@ -22,16 +22,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// 64-bit FNV-1a of `bytes`, as 16 hex digits.
-pub(crate) fn content_hash(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// A named piece of prompt text with a content hash.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Fragment {
@@ -66,7 +56,7 @@ impl Fragment {
     fn make(name: &str, text: String, stable: bool) -> Self {
         Self {
             name: Arc::from(name),
-            hash: Arc::from(content_hash(text.as_bytes())),
+            hash: Arc::from(crate::util::fnv1a_hex(text.as_bytes())),
             text: Arc::from(text),
             stable,
         }

@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::stream::{self, StreamExt};
 use rand::{Rng, SeedableRng};
@@ -245,16 +245,8 @@ struct JudgeCache {
 
 impl JudgeCache {
     fn open(path: &Path) -> Result<Self> {
-        let err = |e: rusqlite::Error| Error::TuneStore {
-            path: path.display().to_string(),
-            reason: format!("judge cache: {e}"),
-        };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        // WAL lets other processes read the file while a pass writes; the result is the mode.
-        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-            .map_err(err)?;
-        conn.execute_batch(
+        let conn = super::store::open_shared(
+            &path.to_string_lossy(),
             "CREATE TABLE IF NOT EXISTS judge_answers (
                  key TEXT PRIMARY KEY,
                  template TEXT NOT NULL,
@@ -263,8 +255,7 @@ impl JudgeCache {
                  cost_micros INTEGER NOT NULL,
                  created_unix_ms INTEGER NOT NULL
              );",
-        )
-        .map_err(err)?;
+        )?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -808,16 +799,7 @@ fn clip(s: &str) -> &str {
 /// The answer without a surrounding Markdown code fence (and any text around the fence).
 fn unfence(text: &str) -> &str {
     let t = text.trim();
-    if let Some(start) = t.find("```") {
-        let body = &t[start + 3..];
-        // Skip a language tag such as `json` up to the end of the fence's line.
-        let body = match body.find('\n') {
-            Some(nl) if !body[..nl].contains(['[', '{']) => &body[nl + 1..],
-            _ => body.trim_start_matches("json"),
-        };
-        return body.find("```").map_or(body, |end| &body[..end]).trim();
-    }
-    t
+    crate::prompt::fences(t).first().map_or(t, |b| b.trim())
 }
 
 /// `A`, `B` or a tie, from `{"winner": …}`, a JSON string or bare text.

@@ -41,7 +41,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
@@ -51,9 +50,9 @@ use super::cost::{
     check_usd, format_day, micros_to_usd, usd_to_micros, MeterPrice, Micros, PriceTable, TokenUsage,
 };
 use super::fragment::Fragment;
+use super::lock;
 use crate::error::{Error, Result};
 
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages written per transaction at most.
 const BATCH: usize = 4096;
 
@@ -241,22 +240,8 @@ impl fmt::Debug for Ledger {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(crate) fn now_s() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 fn store_err(path: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| Error::TuneStore {
-        path: path.to_string(),
-        reason: e.to_string(),
-    }
+    move |e| super::store::store_err(path, e)
 }
 
 impl Ledger {
@@ -265,41 +250,7 @@ impl Ledger {
     /// A file that is not a SQLite database gives [`Error::TuneStore`] and is left untouched.
     pub fn open(path: impl AsRef<Path>) -> Result<Ledger> {
         let path = path.as_ref().to_string_lossy().into_owned();
-        let err_path = path.clone();
-        let err = store_err(&err_path);
-        let memory = path == ":memory:";
-        let conn = if memory {
-            Connection::open_in_memory().map_err(&err)?
-        } else {
-            Connection::open(&path).map_err(&err)?
-        };
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
-        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(|e| Error::TuneStore {
-            path: path.clone(),
-            reason: format!("not a readable SQLite database ({e}); the file was left untouched"),
-        })?;
-        if !memory {
-            // Two processes creating one file at once may both try to switch it to WAL.
-            let mut tries = 0;
-            loop {
-                match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
-                    Ok(_) => break,
-                    Err(e) if tries < 50 && is_busy(&e) => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(err(e)),
-                }
-            }
-            conn.execute_batch("PRAGMA synchronous = NORMAL")
-                .map_err(&err)?;
-        }
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
-            .map_err(&err)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        let conn = super::store::open_shared(&path, SCHEMA)?;
         let conn = Arc::new(Mutex::new(conn));
         let (tx, rx) = mpsc::channel();
         let writer = {
@@ -558,13 +509,7 @@ impl Ledger {
                         r.get(0)?,
                         r.get(1)?,
                         r.get(2)?,
-                        TokenUsage {
-                            input: r.get::<_, i64>(3)? as u64,
-                            cache_read: r.get::<_, i64>(4)? as u64,
-                            cache_write: r.get::<_, i64>(5)? as u64,
-                            output: r.get::<_, i64>(6)? as u64,
-                            reasoning: r.get::<_, i64>(7)? as u64,
-                        },
+                        usage_at(r, 3)?,
                         r.get(8)?,
                         r.get(9)?,
                     ))
@@ -645,13 +590,7 @@ impl Ledger {
                     prompt: r.get(9)?,
                     prompt_hash: r.get(10)?,
                     response: r.get(11)?,
-                    usage: TokenUsage {
-                        input: r.get::<_, i64>(12)? as u64,
-                        cache_read: r.get::<_, i64>(13)? as u64,
-                        cache_write: r.get::<_, i64>(14)? as u64,
-                        output: r.get::<_, i64>(15)? as u64,
-                        reasoning: r.get::<_, i64>(16)? as u64,
-                    },
+                    usage: usage_at(r, 12)?,
                     micros: r.get(17)?,
                     latency_ms: r.get(18)?,
                     source: r.get(19)?,
@@ -665,6 +604,19 @@ impl Ledger {
             .map_err(self.err())?;
         Ok(calls)
     }
+}
+
+/// The token classes stored in five columns from `first` on (input, cache_read, cache_write,
+/// output, reasoning).
+fn usage_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TokenUsage> {
+    let n = |i: usize| r.get::<_, i64>(first + i).map(|v| v as u64);
+    Ok(TokenUsage {
+        input: n(0)?,
+        cache_read: n(1)?,
+        cache_write: n(2)?,
+        output: n(3)?,
+        reasoning: n(4)?,
+    })
 }
 
 /// One stored LLM call.
@@ -736,7 +688,7 @@ impl CostDim {
         CostDim::Day,
     ];
 
-    /// Its name (`caller`, `endpoint`…).
+    /// Its name (`caller`, `endpoint`…), also its column in the ledger's tables.
     pub fn name(self) -> &'static str {
         match self {
             CostDim::Caller => "caller",
@@ -763,11 +715,6 @@ impl CostDim {
                     ),
                 )
             })
-    }
-
-    /// Its column in the rollups and the per-call rows.
-    fn column(self) -> &'static str {
-        self.name()
     }
 }
 
@@ -993,7 +940,7 @@ impl Charge<'_> {
             .unwrap_or_else(|| format!("{}:{}", self.site.file(), self.site.line()));
         m.ledger.record_cost(CostRow {
             id: m.ledger.next_id(),
-            ts: now_s(),
+            ts: crate::util::now_s(),
             kind: "meter",
             who,
             endpoint: m.endpoint.to_string(),
@@ -1009,7 +956,8 @@ impl Charge<'_> {
 /// `SELECT dims, calls, units, micros FROM table WHERE time >= ?1 GROUP BY dims`, biggest
 /// spend first.
 fn group_sql(by: &[CostDim], calls: &str, table: &str, time: &str) -> String {
-    let cols: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    // A dimension's name is its column in both the rollups and the per-call rows.
+    let cols: Vec<&str> = by.iter().map(|d| d.name()).collect();
     let (select, group) = if cols.is_empty() {
         ("''".to_string(), String::new())
     } else {
@@ -1019,13 +967,6 @@ fn group_sql(by: &[CostDim], calls: &str, table: &str, time: &str) -> String {
         "SELECT {select}, {calls}, SUM(units), SUM(micros) FROM {table} WHERE {time} >= ?1 \
          {group} ORDER BY {} DESC",
         by.len().max(1) + 3
-    )
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
 }
 
@@ -1126,15 +1067,25 @@ fn write_batch(conn: &mut Connection, work: &[Msg]) -> rusqlite::Result<()> {
             ])?;
             Ok(())
         };
+        let mut put_fragment = |f: &Fragment, declared: bool| -> rusqlite::Result<()> {
+            frag.execute(params![
+                f.hash(),
+                f.name(),
+                f.text(),
+                f.tokens_estimate() as i64,
+                f.is_stable(),
+                declared
+            ])?;
+            Ok(())
+        };
         for m in work {
             match m {
                 Msg::Cost(c) => put_cost(c)?,
                 Msg::Llm(r) => {
                     put_cost(&r.cost)?;
                     let c = &r.cost;
-                    let hash = super::fragment::content_hash(
-                        format!("{}\u{0}{}", r.system, r.prompt).as_bytes(),
-                    );
+                    let hash =
+                        crate::util::fnv1a_hex(format!("{}\u{0}{}", r.system, r.prompt).as_bytes());
                     let u = &r.usage;
                     llm.execute(params![
                         c.id,
@@ -1162,27 +1113,13 @@ fn write_batch(conn: &mut Connection, work: &[Msg]) -> rusqlite::Result<()> {
                         r.error
                     ])?;
                     for (pos, (role, f)) in r.fragments.iter().enumerate() {
-                        frag.execute(params![
-                            f.hash(),
-                            f.name(),
-                            f.text(),
-                            f.tokens_estimate() as i64,
-                            f.is_stable(),
-                            false
-                        ])?;
+                        put_fragment(f, false)?;
                         call_frag.execute(params![c.id, pos as i64, role, f.hash(), f.name()])?;
                     }
                 }
                 Msg::Declare(fs) => {
                     for f in fs {
-                        frag.execute(params![
-                            f.hash(),
-                            f.name(),
-                            f.text(),
-                            f.tokens_estimate() as i64,
-                            f.is_stable(),
-                            true
-                        ])?;
+                        put_fragment(f, true)?;
                     }
                 }
                 Msg::Observation(o) => {

@@ -82,14 +82,13 @@ pub use analysis::{
     ObservationRate, Operation, UnexpectedFragment, Window,
 };
 pub use cost::{
-    format_day, micros_to_usd, parse_span, parse_time, usd_to_micros, MeterPrice, Micros,
-    ModelPrice, PriceEntry, PriceTable, TokenUsage,
+    format_day, micros_to_usd, parse_since, parse_span, parse_time, usd_to_micros, MeterPrice,
+    Micros, ModelPrice, PriceEntry, PriceTable, TokenUsage,
 };
-pub(crate) use fragment::content_hash as content_hash_hex;
 pub use fragment::{Fragment, Prompt};
-#[cfg(feature = "llm")]
-pub(crate) use ledger::{now_s, CostRow, LlmRow};
 pub use ledger::{Attribution, Charge, CostDim, CostLine, CostReport, Ledger, LlmCall, Meter};
+#[cfg(feature = "llm")]
+pub(crate) use ledger::{CostRow, LlmRow};
 pub use policy::{Objective, Policy, RewardKind};
 #[cfg(feature = "llm")]
 pub use race::{RaceOptions, TunedRace};
@@ -1006,56 +1005,35 @@ impl TuneCall {
                 .iter()
                 .all(|a| a.stats.total.nonbinary <= 0.0 && a.prior.nonbinary <= 0.0),
         };
-        // The hot path (one choice): no bookkeeping of the choices left.
-        let mut first = None;
-        let rest: Vec<(usize, policy::Prob)> = if k <= 1 {
-            first = Some(match pos {
-                Some(pos) => (pos, policy::Prob::Known(Some(1.0))),
-                None => {
-                    let views: Vec<ArmView> = arms.iter().map(|&i| group.arms[i].view()).collect();
-                    policy::select_deferred(
-                        &policy,
-                        &objective,
-                        binary,
-                        views,
-                        st.cfg.draws,
-                        &mut st.rng,
-                    )
-                }
-            });
-            Vec::new()
-        } else {
-            let mut left: Vec<usize> = (0..arms.len()).collect();
-            let mut picks: Vec<(usize, policy::Prob)> = Vec::with_capacity(k.max(1));
-            if let Some(pos) = pos {
-                picks.push((pos, policy::Prob::Known(Some(1.0))));
-                left.retain(|&p| p != pos);
-            }
-            while picks.len() < k.max(1) && !left.is_empty() {
+        let draws = st.cfg.draws;
+        // The policy's pick among `views`; after a frozen choice, the others in listed order.
+        let pick = |views: Vec<ArmView>, rng: &mut Xoshiro256PlusPlus| match policy {
+            Policy::Fixed(_) => (0, policy::Prob::Known(None)),
+            _ => policy::select_deferred(&policy, &objective, binary, views, draws, rng),
+        };
+        let first = match pos {
+            Some(pos) => (pos, policy::Prob::Known(Some(1.0))),
+            None => pick(
+                arms.iter().map(|&i| group.arms[i].view()).collect(),
+                &mut st.rng,
+            ),
+        };
+        // Further picks (races) among the choices left; the hot path (k = 1) skips this.
+        let mut rest: Vec<(usize, policy::Prob)> = Vec::new();
+        if k > 1 {
+            let mut left: Vec<usize> = (0..arms.len()).filter(|&p| p != first.0).collect();
+            while 1 + rest.len() < k && !left.is_empty() {
                 let group = &st.groups[gid];
-                let views: Vec<ArmView> = left
+                let views = left
                     .iter()
                     .map(|&p| group.arms[group.last[p]].view())
                     .collect();
-                let (i, prob) = if matches!(policy, Policy::Fixed(_)) {
-                    // After the frozen choice, the others in the order listed.
-                    (0, policy::Prob::Known(None))
-                } else {
-                    policy::select_deferred(
-                        &policy,
-                        &objective,
-                        binary,
-                        views,
-                        st.cfg.draws,
-                        &mut st.rng,
-                    )
-                };
-                picks.push((left.remove(i), prob));
+                let (i, prob) = pick(views, &mut st.rng);
+                rest.push((left.remove(i), prob));
             }
-            picks
-        };
+        }
         let g = &st.groups[gid];
-        for (pos, probability) in first.into_iter().chain(rest) {
+        for (pos, probability) in std::iter::once(first).chain(rest) {
             let arm = g.last[pos];
             push(Decision {
                 group: gid,
@@ -1086,10 +1064,7 @@ impl TuneCall {
         E: From<Error> + fmt::Display,
     {
         let d = self.decide().map_err(E::from)?;
-        let started_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|t| t.as_secs_f64())
-            .unwrap_or(0.0);
+        let started_at = crate::util::now_s();
         let t0 = Instant::now();
         let result = f(d.choice.clone()).await;
         let latency_s = t0.elapsed().as_secs_f64();

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use super::{clip, now_s, Outcome, TuneCall};
+use super::{clip, Outcome, TuneCall};
 use crate::error::{Error, Result};
 use crate::llm::{ChatRequest, ChatResponse, Entrant, LlmClient, RaceEntry};
+use crate::util::now_s;
 
 /// How a tuned race runs ([`TuneCall::race`]).
 #[derive(Clone, Copy, Debug, PartialEq)]

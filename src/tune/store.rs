@@ -116,32 +116,7 @@ impl Store {
     ///
     /// A file that is not a SQLite database is reported before anything is written to it.
     pub(crate) fn open(path: &str) -> Result<Store> {
-        let err = |e: rusqlite::Error| store_err(path, e);
-        let memory = path == ":memory:";
-        let conn = if memory {
-            Connection::open_in_memory().map_err(err)?
-        } else {
-            Connection::open(path).map_err(err)?
-        };
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        // A read first: a corrupt or foreign file fails here, untouched.
-        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(|e| Error::TuneStore {
-            path: path.into(),
-            reason: format!("not a readable SQLite database ({e}); the file was left untouched"),
-        })?;
-        if !memory {
-            let _mode: String = conn
-                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-                .map_err(err)?;
-            conn.execute_batch("PRAGMA synchronous = NORMAL")
-                .map_err(err)?;
-        }
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
-            .map_err(err)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        let conn = open_shared(path, SCHEMA)?;
         Ok(Store {
             conn,
             path: path.into(),
@@ -420,7 +395,57 @@ fn read_arm_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<(String, Str
     ))
 }
 
-fn store_err(path: &str, e: rusqlite::Error) -> Error {
+/// Opens (or creates) a SQLite file that several handles and processes share, with `schema`
+/// created in one immediate transaction; `:memory:` is a private in-memory database.
+///
+/// A busy timeout; a read first, so a corrupt or foreign file fails untouched; the WAL journal
+/// (retried while another process switches the same fresh file) with `synchronous = NORMAL`.
+/// Used by the tuner's store, the ledger and the judge cache, which may share one file.
+pub(crate) fn open_shared(path: &str, schema: &str) -> Result<Connection> {
+    let err = |e: rusqlite::Error| store_err(path, e);
+    let memory = path == ":memory:";
+    let conn = if memory {
+        Connection::open_in_memory().map_err(err)?
+    } else {
+        Connection::open(path).map_err(err)?
+    };
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| Error::TuneStore {
+        path: path.into(),
+        reason: format!("not a readable SQLite database ({e}); the file was left untouched"),
+    })?;
+    if !memory {
+        let mut tries = 0;
+        loop {
+            match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+                Ok(_) => break,
+                Err(e) if tries < 50 && is_busy(&e) => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(err)?;
+    }
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {schema} COMMIT;"))
+        .map_err(err)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+pub(crate) fn store_err(path: &str, e: rusqlite::Error) -> Error {
     let reason = match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => format!(
             "the database stayed locked by other writers for more than {BUSY_TIMEOUT:?} ({e})"

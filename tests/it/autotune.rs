@@ -11,6 +11,8 @@ use hyperfunc::autotune::tensor::{self, MlpProbe, Options, Probe, ShapeKey};
 use hyperfunc::autotune::{Mode, Store, SystemProfile, TensorSettings};
 use hyperfunc::prelude::*;
 
+use crate::common::{cli, cli_err, cli_ok};
+
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "hyperfunc-autotune-{name}-{}-{}",
@@ -248,57 +250,32 @@ fn optimize_uses_a_saved_record_and_drops_a_stale_one() {
 #[test]
 fn the_cli_tunes_shows_and_clears() {
     let dir = temp_dir("cli");
-    let bin = env!("CARGO_BIN_EXE_hyperfunc");
-    let out = std::process::Command::new(bin)
-        .args([
-            "autotune", "tensor", "--mlp", "8,4,2", "--pop", "16,32", "--rows", "16",
-        ])
-        .args(["--budget", "2s", "--force", "--json"])
-        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let env = [("HYPERFUNC_AUTOTUNE_DIR", dir.to_str().unwrap())];
+    let tensor = [
+        "autotune", "tensor", "--mlp", "8,4,2", "--pop", "16,32", "--rows", "16",
+    ];
+    let out = cli_ok(
+        &[&tensor[..], &["--budget", "2s", "--force", "--json"]].concat(),
+        &env,
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
     assert!(v[0]["key"].as_str().unwrap().ends_with("-p16-r16"), "{v}");
     assert!(v[0]["confidence"].as_f64().unwrap() > 0.0);
-    let show = std::process::Command::new(bin)
-        .args(["autotune", "show", "--json"])
-        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-        .output()
-        .unwrap();
-    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_slice(&cli(&["autotune", "show", "--json"], &env).stdout).unwrap();
     assert_eq!(shown.as_array().unwrap().len(), 2);
-    let verify = std::process::Command::new(bin)
-        .args(["autotune", "verify", "--json"])
-        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let verified: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    let verified: serde_json::Value =
+        serde_json::from_slice(&cli_ok(&["autotune", "verify", "--json"], &env)).unwrap();
     assert_eq!(verified.as_array().unwrap().len(), 2, "{verified}");
     assert!(verified[0]["evals_per_sec"].as_f64().unwrap() > 0.0);
-    let clear = std::process::Command::new(bin)
-        .args(["autotune", "clear"])
-        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-        .output()
-        .unwrap();
+    let clear = cli(&["autotune", "clear"], &env);
     assert!(String::from_utf8_lossy(&clear.stdout).contains("removed 2 records"));
-    let bad = std::process::Command::new(bin)
-        .args(["autotune", "tensor", "--mlp", "8,x", "--budget", "1s"])
-        .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--mlp"));
+    let bad = cli_err(
+        &["autotune", "tensor", "--mlp", "8,x", "--budget", "1s"],
+        &env,
+    );
+    assert!(bad.contains("--mlp"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -316,11 +293,17 @@ mod endpoint {
     #[test]
     fn autotune_all_tunes_the_tensors_then_the_endpoint() {
         let dir = super::temp_dir("all");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-            .args([
-                "autotune", "all", "--mlp", "8,4,2", "--pop", "16", "--rows", "16",
-            ])
-            .args([
+        let url = url();
+        let out = crate::common::cli_ok(
+            &[
+                "autotune",
+                "all",
+                "--mlp",
+                "8,4,2",
+                "--pop",
+                "16",
+                "--rows",
+                "16",
                 "--budget",
                 "2s",
                 "--force",
@@ -328,18 +311,14 @@ mod endpoint {
                 "--model",
                 "mock-gpt",
                 "--endpoint",
-            ])
-            .arg(url())
-            .env("HYPERFUNC_AUTOTUNE_DIR", &dir)
-            .env("OPENAI_API_KEY", "sk-hf-free")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+                &url,
+            ],
+            &[
+                ("HYPERFUNC_AUTOTUNE_DIR", dir.to_str().unwrap()),
+                ("OPENAI_API_KEY", "sk-hf-free"),
+            ],
         );
-        let docs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        let docs: Vec<serde_json::Value> = String::from_utf8_lossy(&out)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
@@ -348,7 +327,7 @@ mod endpoint {
         assert_eq!(docs[1]["model"], "mock-gpt");
         let store = Store::at(&dir);
         assert_eq!(store.list().len(), 1);
-        assert!(store.get_endpoint(&url(), "mock-gpt").is_some());
+        assert!(store.get_endpoint(&url, "mock-gpt").is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -55,3 +55,30 @@ pub fn picky() -> HyperFn {
         },
     )
 }
+
+/// Runs the `hyperfunc` binary with `args` and the extra environment `envs`.
+pub fn cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// The stdout of [`cli`], which must have succeeded (its stderr is shown when not).
+pub fn cli_ok(args: &[&str], envs: &[(&str, &str)]) -> Vec<u8> {
+    let out = cli(args, envs);
+    assert!(
+        out.status.success(),
+        "hyperfunc {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The stderr of [`cli`], which must have failed.
+pub fn cli_err(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = cli(args, envs);
+    assert!(!out.status.success(), "hyperfunc {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

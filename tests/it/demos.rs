@@ -91,18 +91,15 @@ async fn the_cost_demo_and_the_cli_cost_report_agree() {
     // 12 000 unlocker calls at $0.0015, exactly.
     assert_eq!(f(&v, "top_caller_usd"), 18.0, "{v}");
     let chart = std::env::temp_dir().join(format!("hyperfunc-spend-{}.svg", std::process::id()));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-        .args(["cost", "report", "--store", v["ledger"].as_str().unwrap()])
-        .args(["--by", "endpoint", "--since", "30d", "--json", "--chart"])
-        .arg(&chart)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let ledger = v["ledger"].as_str().unwrap();
+    let report = [
+        "cost", "report", "--store", ledger, "--by", "endpoint", "--since", "30d",
+    ];
+    let out = crate::common::cli_ok(
+        &[&report[..], &["--json", "--chart", chart.to_str().unwrap()]].concat(),
+        &[],
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(r["total_calls"], 19_500, "{r}");
     assert_eq!(
         r["total_micros"].as_i64().unwrap(),
@@ -117,17 +114,9 @@ async fn the_cost_demo_and_the_cli_cost_report_agree() {
     );
     let _ = std::fs::remove_file(&chart);
     // A dimension that does not exist: a clear error, non-zero exit.
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-        .args([
-            "cost",
-            "report",
-            "--store",
-            v["ledger"].as_str().unwrap(),
-            "--by",
-            "customer",
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown dimension `customer`"));
+    let bad = crate::common::cli_err(
+        &["cost", "report", "--store", ledger, "--by", "customer"],
+        &[],
+    );
+    assert!(bad.contains("unknown dimension `customer`"));
 }

@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde_json::json;
 
+use crate::common::{cli_err, cli_ok};
 use crate::tune::TempDb;
 
 fn litellm_url() -> String {
@@ -490,18 +491,20 @@ async fn compare_shows_the_token_drop_after_a_prompt_is_shortened() {
 
     // The same from the CLI.
     ledger.flush().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-        .args(["llm", "compare", "--store"])
-        .arg(&db.0)
-        .args(["run:before", "run:after", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let store = db.0.to_str().unwrap();
+    let out = cli_ok(
+        &[
+            "llm",
+            "compare",
+            "--store",
+            store,
+            "run:before",
+            "run:after",
+            "--json",
+        ],
+        &[],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let d = v["deltas"]
         .as_array()
         .unwrap()
@@ -509,25 +512,13 @@ async fn compare_shows_the_token_drop_after_a_prompt_is_shortened() {
         .find(|d| d["metric"] == "prompt_tokens")
         .unwrap();
     assert_eq!(d["delta"].as_f64().unwrap(), tokens.delta, "{v}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-        .args(["llm", "report", "--store"])
-        .arg(&db.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cli_ok(&["llm", "report", "--store", store], &[]);
+    assert!(String::from_utf8_lossy(&out).contains("10 calls"));
+    let bad = cli_err(
+        &["llm", "compare", "--store", store, "yesterday", "run:after"],
+        &[],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("10 calls"));
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
-        .args(["llm", "compare", "--store"])
-        .arg(&db.0)
-        .args(["yesterday", "run:after"])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("run:ID"));
+    assert!(bad.contains("run:ID"));
 }
 
 #[tokio::test]
