@@ -287,6 +287,43 @@ pub enum Error {
         reason: String,
     },
 
+    /// The run store could not be opened, read or written.
+    #[error("run store `{path}`: {reason}")]
+    RunStore {
+        /// The store file or directory.
+        path: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
+    /// A run id that the store does not hold.
+    #[error("run {run} is not in the run store; it holds {known}")]
+    RunNotFound {
+        /// The id asked for.
+        run: i64,
+        /// The ids it holds, in words.
+        known: String,
+    },
+
+    /// A control command was refused (unknown setting, wrong type, out of range, restart-only,
+    /// or a combination the engine does not allow). Nothing of it was applied.
+    #[error("run {run}: command refused: {reason}")]
+    RunCommand {
+        /// The run.
+        run: i64,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// A run was continued with settings that differ from the ones it started with.
+    #[error("run {run} started with other settings ({fields}); start a new run, or continue it with the settings it has (`hyperfunc runs show {run}`)")]
+    RunConfigMismatch {
+        /// The run.
+        run: i64,
+        /// The differing settings, `name: stored → given`.
+        fields: String,
+    },
+
     /// A price or a price table is wrong (negative, not finite, unparsable date, unknown model).
     #[error("price {what}: {reason}")]
     Price {

@@ -54,6 +54,7 @@ mod param;
 mod population;
 pub mod prompt;
 mod rng;
+pub mod runs;
 mod system;
 mod theta;
 pub mod tune;

@@ -4,6 +4,7 @@
 //! runtime owned by this module while the calling Python thread has released the GIL; Python
 //! callbacks (metrics, hyperfunction bodies, a system's `run`) are called with the GIL held.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{Device, Tensor};
@@ -19,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 mod ledger;
+mod runs;
 mod tune;
 
 create_exception!(
@@ -829,7 +831,7 @@ impl PyExamples {
 /// θ: the named raw parameters (and prompts) of a system.
 #[pyclass(name = "Theta", module = "hyperfunc", frozen, from_py_object)]
 #[derive(Clone)]
-struct PyTheta(Theta);
+pub(crate) struct PyTheta(pub(crate) Theta);
 
 #[pymethods]
 impl PyTheta {
@@ -1507,6 +1509,9 @@ struct PyReport {
     stop: String,
     #[pyo3(get)]
     seconds: f64,
+    /// The run's id in the store given to `optimize(store=...)`.
+    #[pyo3(get)]
+    run: Option<i64>,
     rows: Vec<hyperfunc::GenerationStats>,
 }
 
@@ -1561,7 +1566,8 @@ impl PyReport {
     system, examples, metric, *, pop_size=64, sigma=0.1, lr=0.05, generations=100, seed=0,
     minimize=false, antithetic=true, patience=None, target=None, weight_decay=0.0,
     optimizer="adam", momentum=0.9, max_batch_size=262_144, max_failure_rate=1.0,
-    progress=true, init=None, hub=None
+    progress=true, init=None, hub=None, store=None, run=None, run_name=None,
+    checkpoint_every=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -1586,6 +1592,10 @@ fn optimize(
     progress: bool,
     init: Option<PyTheta>,
     hub: Option<PyHub>,
+    store: Option<PathBuf>,
+    run: Option<i64>,
+    run_name: Option<String>,
+    checkpoint_every: Option<usize>,
 ) -> PyResult<PyReport> {
     let (sys, m) = (self::system(system)?, Shared(metric_of(metric)?));
     let mut es = Es::default()
@@ -1626,6 +1636,24 @@ fn optimize(
     if let Some(h) = hub {
         es = es.hub(h.0);
     }
+    if let Some(dir) = store {
+        es = es
+            .store(hyperfunc::runs::RunStore::open(dir).map_err(to_py)?)
+            .checkpoints(hyperfunc::runs::Checkpoints {
+                every: checkpoint_every,
+                ..Default::default()
+            });
+        if let Some(id) = run {
+            es = es.run(hyperfunc::runs::RunId(id));
+        }
+        if let Some(n) = run_name {
+            es = es.run_name(n);
+        }
+    } else if run.is_some() {
+        return Err(ConfigError::new_err(
+            "run= continues a run of a store: give store=\"path/to/runs\" too",
+        ));
+    }
     es.validate().map_err(to_py)?;
     let r = block(py, async move { es.optimize(&sys, &examples.0, &m).await })?;
     Ok(PyReport {
@@ -1636,6 +1664,7 @@ fn optimize(
         best_theta: r.best.map(|b| PyTheta(b.theta)),
         stop: format!("{:?}", r.stop).to_lowercase(),
         seconds: r.seconds,
+        run: r.run.map(|id| id.0),
         rows: r.history,
     })
 }
@@ -1682,6 +1711,8 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tune::PyOutcome>()?;
     m.add_class::<ledger::PyLedgerCore>()?;
     m.add_class::<ledger::PyMeterCore>()?;
+    m.add_class::<runs::PyRunStore>()?;
+    m.add_class::<runs::PyControl>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

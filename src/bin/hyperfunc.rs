@@ -83,11 +83,166 @@ enum Command {
         #[command(subcommand)]
         command: CostCommand,
     },
+    /// Trains a built-in task (`xor`, `teacher`) as a run of a run store: resumable with
+    /// `--run`, controllable with `hyperfunc runs`.
+    Train {
+        /// The task.
+        task: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Continue this run (from its last checkpoint) instead of starting one.
+        #[arg(long)]
+        run: Option<hyperfunc::runs::RunId>,
+        /// The name of a new run (default: the task).
+        #[arg(long)]
+        name: Option<String>,
+        /// Generations (default: the task's).
+        #[arg(long)]
+        generations: Option<usize>,
+        /// Population size.
+        #[arg(long)]
+        pop: Option<usize>,
+        /// Learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Noise scale.
+        #[arg(long)]
+        sigma: Option<f64>,
+        /// Run seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Checkpoint every N generations (default: adaptive, at most 2% of the run's time).
+        #[arg(long)]
+        checkpoint_every: Option<usize>,
+        /// Save the final θ here (safetensors).
+        #[arg(long)]
+        save: Option<std::path::PathBuf>,
+    },
+    /// Runs of a run store: list, show, live control, replay, diff, plot.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// The stored LLM calls of a ledger: costly operations, fragments, cache candidates and
     /// breakers, observations; before/after comparisons.
     Llm {
         #[command(subcommand)]
         command: LlmCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct StoreArg {
+    /// The run store directory (default: $HYPERFUNC_RUNS or ./hyperfunc-runs).
+    #[arg(long, global = true)]
+    store: Option<std::path::PathBuf>,
+}
+
+impl StoreArg {
+    fn open(&self) -> hyperfunc::Result<hyperfunc::runs::RunStore> {
+        let dir = self.store.clone().unwrap_or_else(|| {
+            std::env::var_os("HYPERFUNC_RUNS")
+                .map(Into::into)
+                .unwrap_or_else(|| "hyperfunc-runs".into())
+        });
+        hyperfunc::runs::RunStore::open(dir)
+    }
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Every run: id, name, status, generations, best.
+    List {
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: settings, live values, last generations, events, checkpoints.
+    Show {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sets live settings of a running run: `hyperfunc runs set 3 lr=0.05 sigma=0.02`.
+    Set {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+        /// `name=value` pairs (applied together, all or nothing).
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// Apply at the boundary before this generation.
+        #[arg(long)]
+        at_gen: Option<usize>,
+    },
+    /// Clears live values (back to the run's settings and schedules).
+    Clear {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+        /// Setting names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Apply at the boundary before this generation.
+        #[arg(long)]
+        at_gen: Option<usize>,
+    },
+    /// Pauses at the next generation boundary.
+    Pause {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+    },
+    /// Resumes a paused run.
+    Resume {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+    },
+    /// Stops at the next boundary (`--now`: cancel the generation in flight).
+    Stop {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+        /// Cancel the generation in flight; the final checkpoint is still written.
+        #[arg(long)]
+        now: bool,
+        /// Stop at the boundary before this generation.
+        #[arg(long)]
+        at_gen: Option<usize>,
+    },
+    /// Writes a checkpoint at the next boundary that retention keeps.
+    Snapshot {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+    },
+    /// Re-runs a run of a built-in task from its settings and logged commands and checks
+    /// that θ comes out bit for bit (exit 1 when it does not).
+    Replay {
+        /// The run id.
+        run: hyperfunc::runs::RunId,
+    },
+    /// Settings, commands and curves of two runs.
+    Diff {
+        /// The first run.
+        a: hyperfunc::runs::RunId,
+        /// The second run.
+        b: hyperfunc::runs::RunId,
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Curves of fitness, σ and lr (markers where a command applied) as SVG or PNG.
+    #[cfg(feature = "plot")]
+    Plot {
+        /// The runs.
+        #[arg(required = true)]
+        runs: Vec<hyperfunc::runs::RunId>,
+        /// Output file (`.svg` or `.png`).
+        #[arg(long, short)]
+        out: std::path::PathBuf,
+        /// The x axis: `gen`, `evals` or `seconds`.
+        #[arg(long, default_value = "gen")]
+        x: String,
     },
 }
 
@@ -428,6 +583,185 @@ enum TuneCommand {
     },
 }
 
+fn runs_command(
+    store: &hyperfunc::runs::RunStore,
+    command: RunsCommand,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use hyperfunc::runs::Action;
+    let ctl = |run, at_gen: Option<usize>| {
+        let c = store.control(run).source("cli");
+        match at_gen {
+            Some(g) => c.at_gen(g),
+            None => c,
+        }
+    };
+    let sent = |id: i64, what: &str| {
+        println!("cmd {id}: {what} (applied at the next generation boundary)")
+    };
+    match command {
+        RunsCommand::List { json } => {
+            let runs = store.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&runs)?);
+            } else {
+                println!(
+                    "{:>4}  {:<16} {:<9} {:>6}  {:>12}  task",
+                    "id", "name", "status", "gens", "best"
+                );
+                for r in runs {
+                    println!(
+                        "{:>4}  {:<16} {:<9} {:>6}  {:>12}  {}",
+                        r.id.0,
+                        r.name,
+                        r.status,
+                        r.generation,
+                        r.best.map_or("-".into(), |b| format!("{b:.6}")),
+                        r.task.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        RunsCommand::Show { run, json } => {
+            let info = store.info(run)?;
+            let live = store.live_values(run, usize::MAX)?;
+            let gens = store.generations(run)?;
+            let events = store.events(run)?;
+            let ckpts = store.checkpoints(run)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"run": info, "live": live, "generations": gens,
+                        "events": events, "checkpoints": ckpts, "commands": store.commands(run)?})
+                );
+                return Ok(());
+            }
+            println!(
+                "run {} `{}` ({}) — {}{}",
+                info.id,
+                info.name,
+                info.task.as_deref().unwrap_or("no task"),
+                info.status,
+                info.stop
+                    .as_deref()
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
+            );
+            println!("hyperfunc {} on {}", info.version, info.fingerprint);
+            println!("settings: {}", serde_json::to_string(&info.config)?);
+            if !live.is_empty() {
+                println!("live: {}", serde_json::Value::Object(live));
+            }
+            println!("{} generations; last:", gens.len());
+            for g in gens.iter().rev().take(5).rev() {
+                println!(
+                    "  gen {:>5}  best {:>12.6}  mean {:>12.6}  sigma {:.4}  lr {:.4}  pop {}",
+                    g.gen, g.best, g.mean, g.sigma, g.lr, g.pop_size
+                );
+            }
+            println!("events:");
+            for e in &events {
+                println!("  [{}] {}", e.kind, e.message);
+            }
+            println!("checkpoints:");
+            for c in &ckpts {
+                println!(
+                    "  gen {:>5}  {:<8} {:>8} bytes  {}",
+                    c.gen,
+                    c.kind,
+                    c.bytes,
+                    c.file.display()
+                );
+            }
+        }
+        RunsCommand::Set {
+            run,
+            values,
+            at_gen,
+        } => {
+            let mut patch = serde_json::Map::new();
+            for v in &values {
+                let (k, v) = hyperfunc::runs::schema::parse_assignment(v)?;
+                patch.insert(k, v);
+            }
+            let id = ctl(run, at_gen).set_many(patch)?;
+            sent(id, &format!("set {}", values.join(" ")));
+        }
+        RunsCommand::Clear { run, names, at_gen } => {
+            let id = ctl(run, at_gen).send(Action::Clear(names.clone()))?;
+            sent(id, &format!("clear {}", names.join(" ")));
+        }
+        RunsCommand::Pause { run } => sent(ctl(run, None).pause()?, "pause"),
+        RunsCommand::Resume { run } => sent(ctl(run, None).resume()?, "resume"),
+        RunsCommand::Stop { run, now, at_gen } => {
+            let c = ctl(run, at_gen);
+            if now {
+                sent(c.stop_now()?, "stop --now");
+            } else {
+                sent(c.stop()?, "stop");
+            }
+        }
+        RunsCommand::Snapshot { run } => sent(ctl(run, None).snapshot()?, "snapshot"),
+        RunsCommand::Replay { run } => {
+            let info = store.info(run)?;
+            let task = info.task.clone().ok_or_else(|| {
+                format!("run {run} has no built-in task; replay it from Rust with Es::replay")
+            })?;
+            let t = hyperfunc::runs::task::task(&task)?;
+            let es = hyperfunc::Es::default()
+                .with_run_config(&info.config)
+                .progress(false)
+                .store(store.clone())
+                .replay(run);
+            let report = rt.block_on(es.optimize(&t.system, &t.examples, t.metric.as_ref()))?;
+            let same = report.theta.bit_eq(&store.theta(run)?)?;
+            println!(
+                "{}",
+                serde_json::json!({"run": run.0, "generations": report.history.len(), "theta_bit_identical": same})
+            );
+            if !same {
+                return Err(format!("replay of run {run} did not reproduce its θ").into());
+            }
+        }
+        RunsCommand::Diff { a, b, json } => {
+            let d = store.diff(a, b)?;
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                println!("runs {a} and {b}");
+                println!(
+                    "settings: {}",
+                    if d.config.is_empty() {
+                        "same".to_string()
+                    } else {
+                        d.config.join(", ")
+                    }
+                );
+                println!("generations: {} / {}", d.generations.0, d.generations.1);
+                println!(
+                    "best: {:.6} / {:.6}; last mean: {:.6} / {:.6}",
+                    d.best.0, d.best.1, d.last_mean.0, d.last_mean.1
+                );
+                match d.first_divergence {
+                    None => println!("curves: identical bit for bit"),
+                    Some(g) => println!("curves: first differ at gen {g}"),
+                }
+                for (run, cmds) in [(a, &d.commands_a), (b, &d.commands_b)] {
+                    for c in cmds {
+                        println!("  run {run}: {c}");
+                    }
+                }
+            }
+        }
+        #[cfg(feature = "plot")]
+        RunsCommand::Plot { runs, out, x } => {
+            hyperfunc::runs::plot(store, &runs, &x, &out)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -455,6 +789,71 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Train {
+            task,
+            store,
+            run,
+            name,
+            generations,
+            pop,
+            lr,
+            sigma,
+            seed,
+            checkpoint_every,
+            save,
+        } => {
+            let store = store.open()?;
+            let t = hyperfunc::runs::task::task(&task)?;
+            let mut es = t.es;
+            if let Some(g) = generations {
+                es = es.generations(g);
+            }
+            if let Some(p) = pop {
+                es = es.pop_size(p);
+            }
+            if let Some(v) = lr {
+                es = es.lr(v);
+            }
+            if let Some(v) = sigma {
+                es = es.sigma(v);
+            }
+            if let Some(v) = seed {
+                es = es.seed(v);
+            }
+            let mut es = es.store(store.clone()).run_task(task.clone()).checkpoints(
+                hyperfunc::runs::Checkpoints {
+                    every: checkpoint_every,
+                    ..Default::default()
+                },
+            );
+            let id = match run {
+                Some(id) => id,
+                None => {
+                    let id =
+                        store.create_task(name.as_deref().unwrap_or(&task), Some(&task), &es)?;
+                    eprintln!("run {id} in {}", store.dir().display());
+                    id
+                }
+            };
+            es = es.run(id);
+            let report = rt.block_on(es.optimize(&t.system, &t.examples, t.metric.as_ref()))?;
+            if let Some(path) = save {
+                report.theta.save(path)?;
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "run": id.0,
+                    "task": task,
+                    "generations": report.history.len(),
+                    "stop": format!("{:?}", report.stop),
+                    "stop_detail": report.stop_detail,
+                    "final_fitness": report.final_fitness,
+                    "seconds": report.seconds,
+                })
+            );
+        }
+        Command::Runs { command, store } => runs_command(&store.open()?, command, &rt)?,
         Command::Bench {
             json,
             quick,

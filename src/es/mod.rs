@@ -64,6 +64,9 @@ pub enum StopReason {
     Target,
     /// The best fitness did not improve for `patience` generations.
     Patience,
+    /// A control command stopped it (`stop`, or `stop --now`, which discards the generation in
+    /// flight); see `Report::stop_detail` and [`crate::runs`].
+    Command,
     /// A [`StopSignal`] was raised (a spent LLM budget, the user…); see `Report::stop_detail`.
     /// A generation it interrupted with failed candidates is discarded; the final θ is not
     /// re-evaluated.
@@ -186,6 +189,8 @@ pub struct Report {
     /// The autotuned settings the run used (`key: settings`), or why it dropped them; `None`
     /// when none applied.
     pub autotune: Option<String>,
+    /// The run in the [`Es::store`], if any.
+    pub run: Option<crate::runs::RunId>,
 }
 
 /// OpenAI-ES with EGGROLL-style low-rank noise where a parameter asks for it.
@@ -235,6 +240,15 @@ pub struct Es {
     init: Option<Theta>,
     hub: Option<Hub>,
     stops: Vec<StopSignal>,
+    store: Option<crate::runs::RunStore>,
+    run: Option<crate::runs::RunId>,
+    run_name: Option<String>,
+    run_task: Option<String>,
+    checkpoints: crate::runs::Checkpoints,
+    replay: Option<crate::runs::RunId>,
+    /// A live `lr` / `sigma` overrides its schedule until cleared.
+    lr_fixed: bool,
+    sigma_fixed: bool,
 }
 
 impl Default for Es {
@@ -262,6 +276,14 @@ impl Default for Es {
             init: None,
             hub: None,
             stops: Vec::new(),
+            store: None,
+            run: None,
+            run_name: None,
+            run_task: None,
+            checkpoints: crate::runs::Checkpoints::default(),
+            replay: None,
+            lr_fixed: false,
+            sigma_fixed: false,
         }
     }
 }
@@ -372,6 +394,110 @@ impl Es {
         self
     }
 
+    /// Records every `optimize` as a run in `store` (generation rows, events, checkpoints) and
+    /// takes live commands from it; see [`crate::runs`].
+    pub fn store(mut self, store: crate::runs::RunStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Continues run `id` of the [`Es::store`]: from its last checkpoint (after a crash, at
+    /// most the generations since it are redone, bit-identically on CPU), or from generation 0
+    /// when it has none. The settings must be the ones the run started with.
+    pub fn run(mut self, id: crate::runs::RunId) -> Self {
+        self.run = Some(id);
+        self
+    }
+
+    /// The name of a new run (default `es`).
+    pub fn run_name(mut self, name: impl Into<String>) -> Self {
+        self.run_name = Some(name.into());
+        self
+    }
+
+    /// The built-in task a new run trains (what `hyperfunc runs replay` rebuilds).
+    pub fn run_task(mut self, task: impl Into<String>) -> Self {
+        self.run_task = Some(task.into());
+        self
+    }
+
+    /// When checkpoints are written and kept (default: adaptive, the last 3 and the best).
+    pub fn checkpoints(mut self, policy: crate::runs::Checkpoints) -> Self {
+        self.checkpoints = policy;
+        self
+    }
+
+    /// Re-runs stored run `id` from generation 0 with its starting settings and its applied
+    /// commands at the boundaries they were applied at, up to its last checkpoint; writes
+    /// nothing. Compare `report.theta` with [`RunStore::theta`](crate::runs::RunStore::theta).
+    pub fn replay(mut self, id: crate::runs::RunId) -> Self {
+        self.replay = Some(id);
+        self
+    }
+
+    /// The settings a run stores and live commands change.
+    pub fn run_config(&self) -> crate::runs::RunConfig {
+        crate::runs::RunConfig {
+            pop_size: self.pop_size,
+            sigma: self.sigma,
+            lr: self.lr,
+            generations: self.generations,
+            seed: self.seed,
+            direction: self.direction,
+            shaping: self.shaping,
+            update: self.update,
+            weight_decay: self.weight_decay,
+            sigma_schedule: self.sigma_schedule,
+            lr_schedule: self.lr_schedule,
+            patience: self.patience,
+            target: self.target,
+            antithetic: self.antithetic,
+            max_batch_size: self.max_batch_size,
+            max_failure_rate: self.max_failure_rate,
+        }
+    }
+
+    /// These settings replaced by `c`'s (device, hooks and store stay).
+    pub fn with_run_config(mut self, c: &crate::runs::RunConfig) -> Self {
+        self.pop_size = c.pop_size;
+        self.sigma = c.sigma;
+        self.lr = c.lr;
+        self.generations = c.generations;
+        self.seed = c.seed;
+        self.direction = c.direction;
+        self.shaping = c.shaping;
+        self.update = c.update;
+        self.weight_decay = c.weight_decay;
+        self.sigma_schedule = c.sigma_schedule;
+        self.lr_schedule = c.lr_schedule;
+        self.patience = c.patience;
+        self.target = c.target;
+        self.antithetic = c.antithetic;
+        self.max_batch_size = c.max_batch_size;
+        self.max_failure_rate = c.max_failure_rate;
+        self
+    }
+
+    pub(crate) fn checkpoint_policy(&self) -> crate::runs::Checkpoints {
+        self.checkpoints
+    }
+
+    fn sigma_at(&self, g: usize) -> f64 {
+        if self.sigma_fixed {
+            self.sigma
+        } else {
+            self.sigma_schedule.at(self.sigma, g, self.generations)
+        }
+    }
+
+    fn lr_at(&self, g: usize) -> f64 {
+        if self.lr_fixed {
+            self.lr
+        } else {
+            self.lr_schedule.at(self.lr, g, self.generations)
+        }
+    }
+
     /// Checks every setting; called by [`Es::optimize`] before any work.
     pub fn validate(&self) -> Result<()> {
         if !(self.sigma.is_finite() && self.sigma > 0.0) {
@@ -438,7 +564,8 @@ impl Es {
         })
     }
 
-    /// Optimises the system's θ on `examples` against `metric`.
+    /// Optimises the system's θ on `examples` against `metric`. With a [`Es::store`] the run is
+    /// recorded, resumable and controllable (see [`crate::runs`]).
     pub async fn optimize<S: HyperSystem>(
         &self,
         sys: &S,
@@ -449,28 +576,97 @@ impl Es {
             return Err(Error::EmptyExamples);
         }
         let mut run = self.start(sys)?;
+        let (mut rec, restored) = match (&self.store, self.replay) {
+            (Some(store), Some(id)) => {
+                (Some(crate::runs::Recorder::replay(store, self, id)?), None)
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "replay",
+                    "replaying a run needs its store: call .store(RunStore::open(dir)?)",
+                ))
+            }
+            (Some(store), None) => {
+                let (r, restored) = crate::runs::Recorder::open(
+                    store,
+                    self,
+                    self.run,
+                    self.run_name.as_deref().unwrap_or("es"),
+                    self.run_task.as_deref(),
+                    &mut run,
+                )?;
+                (Some(r), Some(restored))
+            }
+            (None, None) if self.run.is_some() => {
+                return Err(Error::config(
+                    "run",
+                    "continuing a run needs its store: call .store(RunStore::open(dir)?)",
+                ))
+            }
+            (None, None) => (None, None),
+        };
+        let result = self
+            .drive(sys, examples, metric, &mut run, rec.as_mut(), restored)
+            .await;
+        match (result, rec.as_mut()) {
+            (Err(e), Some(r)) => {
+                r.failed(run.generation, &e);
+                Err(e)
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn drive<S: HyperSystem>(
+        &self,
+        sys: &S,
+        examples: &Examples,
+        metric: &dyn Metric,
+        run: &mut EsRun,
+        mut rec: Option<&mut crate::runs::Recorder>,
+        restored: Option<crate::runs::Restored>,
+    ) -> Result<Report> {
         let hub = self.hub.clone().unwrap_or_default();
         let (run_id, run_start, run_parent) = (hub.next_id(), hub.now_ns(), hub.session());
         let start = Instant::now();
         let bar = self.progress_bar();
-        let p = self.pop_size;
-        let mut history = Vec::with_capacity(self.generations);
-        let mut best: Option<Best> = None;
-        let mut since_improved = 0;
+        let (mut history, mut best, mut since_improved) = match restored {
+            Some(r) => (r.history, r.best, r.since_improved),
+            None => (Vec::with_capacity(self.generations), None, 0),
+        };
+        bar.set_position(run.generation as u64);
+        let seconds_offset = rec.as_ref().map_or(0.0, |r| r.seconds_offset);
         let mut stop = StopReason::Generations;
         let mut stop_detail = None;
         // Autotuned settings apply unless the batch size was set or θ lives off the CPU; the
-        // tile size goes back when `tuned` drops, however the run ends.
+        // tile size goes back when `tuned` drops, however the run ends. They are looked up at
+        // this process's first generation (a resumed run looks them up as a fresh one does).
         let mut tuned = crate::autotune::InUse::default();
-        let mut max_batch_size = self.max_batch_size;
+        let first = run.generation;
+        let mut max_batch_size = run.es.max_batch_size;
 
-        for g in 0..self.generations {
+        loop {
             if let Some(why) = self.raised() {
                 (stop, stop_detail) = (StopReason::Signal, Some(why));
                 break;
             }
+            if let Some(r) = rec.as_deref_mut() {
+                if let crate::runs::Flow::Stop(why) = r.boundary(run).await? {
+                    (stop, stop_detail) = (StopReason::Command, Some(why));
+                    break;
+                }
+                if run.es.max_batch_size != self.max_batch_size || tuned.max_batch_size().is_none()
+                {
+                    max_batch_size = run.es.max_batch_size;
+                }
+            }
+            let g = run.generation;
+            if g >= run.es.generations {
+                break;
+            }
+            let p = run.es.pop_size;
             let pop = run.ask_shared()?;
-            if g == 0
+            if g == first
                 && self.autotune
                 && self.max_batch_size == DEFAULT_MAX_BATCH_SIZE
                 && matches!(self.device, Device::Cpu)
@@ -485,7 +681,7 @@ impl Es {
                 generation: Some(g),
             };
             let t0 = Instant::now();
-            let eval = evaluate_with(
+            let evaluation = evaluate_with(
                 &run.reg,
                 sys,
                 pop.clone(),
@@ -493,10 +689,29 @@ impl Es {
                 metric,
                 max_batch_size,
                 trace,
-            )
-            .await?;
+            );
+            let watcher = match rec.as_deref_mut() {
+                Some(r) => r.take_watcher()?,
+                None => None,
+            };
+            let eval = match watcher {
+                Some(mut w) => {
+                    let e = tokio::select! {
+                        e = evaluation => e,
+                        why = w.stop_now(g) => {
+                            (stop, stop_detail) = (StopReason::Command, Some(why));
+                            break;
+                        }
+                    };
+                    if let Some(r) = rec.as_deref_mut() {
+                        r.put_watcher(w);
+                    }
+                    e?
+                }
+                None => evaluation.await?,
+            };
             let eval_s = t0.elapsed().as_secs_f64();
-            if g == 2 && tuned.check(p * examples.len(), eval_s) {
+            if g == first + 2 && tuned.check(p * examples.len(), eval_s) {
                 max_batch_size = self.max_batch_size;
             }
             if let Some(why) = self.raised() {
@@ -508,20 +723,17 @@ impl Es {
                 }
             }
 
+            let direction = run.es.direction;
             // Best candidate of this generation (finite values only).
             let mut gen_best: Option<(usize, f32)> = None;
             for (i, &f) in eval.fitness.iter().enumerate() {
-                if f.is_finite() && gen_best.is_none_or(|(_, b)| self.direction.better(f, b)) {
+                if f.is_finite() && gen_best.is_none_or(|(_, b)| direction.better(f, b)) {
                     gen_best = Some((i, f));
                 }
             }
             let told = run.tell(&eval.fitness)?;
             match gen_best {
-                Some((i, f))
-                    if best
-                        .as_ref()
-                        .is_none_or(|b| self.direction.better(f, b.fitness)) =>
-                {
+                Some((i, f)) if best.as_ref().is_none_or(|b| direction.better(f, b.fitness)) => {
                     best = Some(Best {
                         theta: pop.candidate(i)?,
                         fitness: f,
@@ -553,7 +765,7 @@ impl Es {
                 evals_per_sec: p as f64 / eval_s.max(1e-12),
                 seconds: start.elapsed().as_secs_f64(),
             };
-            let mut rec = Record::span(
+            let mut rec_span = Record::span(
                 gen_id,
                 Some(run_id),
                 "es.generation",
@@ -561,33 +773,52 @@ impl Es {
                 gen_start,
                 hub.now_ns(),
             );
-            rec.generation = Some(g);
-            rec.attributes = vec![
+            rec_span.generation = Some(g);
+            rec_span.attributes = vec![
                 ("es.best".into(), f64::from(stats.best).into()),
                 ("es.mean".into(), f64::from(stats.mean).into()),
                 ("es.sigma".into(), stats.sigma.into()),
                 ("es.failed".into(), stats.failed.into()),
             ];
-            hub.push(rec);
+            hub.push(rec_span);
             bar.set_message(format!("best {:.5} mean {:.5}", stats.best, stats.mean));
             bar.inc(1);
-            history.push(stats);
+            if let Some(r) = rec.as_deref_mut() {
+                r.generation(run, &stats, &best, since_improved, t0.elapsed())?;
+            }
+            history.push(GenerationStats {
+                seconds: stats.seconds + seconds_offset,
+                ..stats
+            });
 
-            if let (Some(t), Some(b)) = (self.target, &best) {
-                if b.fitness == t || self.direction.better(b.fitness, t) {
+            if let (Some(t), Some(b)) = (run.es.target, &best) {
+                if b.fitness == t || direction.better(b.fitness, t) {
                     stop = StopReason::Target;
                     break;
                 }
             }
-            if self.patience.is_some_and(|n| since_improved >= n) {
+            if run.es.patience.is_some_and(|n| since_improved >= n) {
                 stop = StopReason::Patience;
                 break;
             }
         }
         bar.finish_and_clear();
+        if let Some(r) = rec.as_deref_mut() {
+            let (status, why) = match stop {
+                StopReason::Command => ("stopped", stop_detail.clone().unwrap_or_default()),
+                StopReason::Signal => (
+                    "stopped",
+                    format!("signal: {}", stop_detail.clone().unwrap_or_default()),
+                ),
+                StopReason::Generations => ("finished", "generation limit".to_string()),
+                StopReason::Target => ("finished", "target reached".to_string()),
+                StopReason::Patience => ("finished", "patience ran out".to_string()),
+            };
+            r.finish(run, status, &why)?;
+        }
 
-        let theta = run.theta;
-        let final_fitness = if stop == StopReason::Signal {
+        let theta = run.theta.clone();
+        let final_fitness = if matches!(stop, StopReason::Signal | StopReason::Command) {
             f32::NAN
         } else {
             let center = Arc::new(Population::center(theta.clone()));
@@ -602,13 +833,13 @@ impl Es {
                 center,
                 examples,
                 metric,
-                self.max_batch_size,
+                run.es.max_batch_size,
                 trace,
             )
             .await?;
             fin.fitness[0]
         };
-        let mut rec = Record::span(
+        let mut rec_span = Record::span(
             run_id,
             run_parent,
             "es.optimize",
@@ -616,12 +847,12 @@ impl Es {
             run_start,
             hub.now_ns(),
         );
-        rec.attributes = vec![
-            ("es.pop_size".into(), self.pop_size.into()),
+        rec_span.attributes = vec![
+            ("es.pop_size".into(), run.es.pop_size.into()),
             ("es.generations".into(), history.len().into()),
             ("es.seed".into(), self.seed.into()),
         ];
-        hub.push(rec);
+        hub.push(rec_span);
         let autotune = tuned.take_note();
         Ok(Report {
             theta,
@@ -630,9 +861,10 @@ impl Es {
             history,
             stop,
             stop_detail,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: start.elapsed().as_secs_f64() + seconds_offset,
             trace: hub,
             autotune,
+            run: rec.as_deref().filter(|r| !r.is_replay()).map(|r| r.run),
         })
     }
 
@@ -671,9 +903,7 @@ impl Es {
             generation: generation as u64,
         };
         let draws = noise::draw(reg, key, self.pairs(), &self.device)?;
-        let sigma = self
-            .sigma_schedule
-            .at(self.sigma, generation, self.generations);
+        let sigma = self.sigma_at(generation);
         Ok((
             noise::population(theta, &draws, sigma, self.antithetic)?,
             draws,
@@ -774,6 +1004,56 @@ pub struct EsRun {
 }
 
 impl EsRun {
+    pub(crate) fn device(&self) -> &Device {
+        &self.es.device
+    }
+
+    /// Candidates per generation now (a live command may change it).
+    pub fn pop_size(&self) -> usize {
+        self.es.pop_size
+    }
+
+    /// Puts a checkpoint's state in place.
+    pub(crate) fn restore(
+        &mut self,
+        theta: Theta,
+        m: std::collections::BTreeMap<String, Tensor>,
+        v: std::collections::BTreeMap<String, Tensor>,
+        steps: i32,
+        generation: usize,
+    ) {
+        self.theta = theta;
+        self.state = update::UpdateState::from_parts(steps, m, v);
+        self.generation = generation;
+        self.pending = None;
+    }
+
+    /// The optimiser's step count and moments.
+    pub(crate) fn moments(
+        &self,
+    ) -> (
+        i32,
+        std::collections::BTreeMap<String, Tensor>,
+        std::collections::BTreeMap<String, Tensor>,
+    ) {
+        self.state.parts()
+    }
+
+    /// Applies live values over the run's starting settings (all or nothing).
+    pub(crate) fn set_live(
+        &mut self,
+        original: &crate::runs::RunConfig,
+        live: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<(), String> {
+        let c = original.with_live(live)?;
+        let mut es = self.es.clone().with_run_config(&c);
+        es.lr_fixed = live.contains_key("lr");
+        es.sigma_fixed = live.contains_key("sigma");
+        self.es = es;
+        self.pending = None;
+        Ok(())
+    }
+
     /// The current mean θ.
     pub fn theta(&self) -> &Theta {
         &self.theta
@@ -807,11 +1087,8 @@ impl EsRun {
         self.pending = Some(Pending {
             pop: pop.clone(),
             draws,
-            sigma: self
-                .es
-                .sigma_schedule
-                .at(self.es.sigma, g, self.es.generations),
-            lr: self.es.lr_schedule.at(self.es.lr, g, self.es.generations),
+            sigma: self.es.sigma_at(g),
+            lr: self.es.lr_at(g),
         });
         Ok(pop)
     }

@@ -68,6 +68,16 @@ pub(crate) struct UpdateState {
 }
 
 impl UpdateState {
+    /// A state from a checkpoint's parts.
+    pub fn from_parts(t: i32, m: BTreeMap<String, Tensor>, v: BTreeMap<String, Tensor>) -> Self {
+        Self { t, m, v }
+    }
+
+    /// Its step count and moments (tensors are shared, not copied).
+    pub fn parts(&self) -> (i32, BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+        (self.t, self.m.clone(), self.v.clone())
+    }
+
     /// Starts a new step (Adam's bias correction counts steps).
     pub fn begin(&mut self) {
         self.t += 1;

@@ -106,27 +106,13 @@ impl Bar {
 /// ```
 pub fn bar_chart(path: impl AsRef<Path>, title: &str, unit: &str, bars: &[Bar]) -> Result<()> {
     let path = path.as_ref();
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let bytes = match ext.as_deref() {
-        Some("svg") => bar_chart_svg(title, unit, bars)?.into_bytes(),
-        Some("png") => render_png(title, unit, bars)?,
-        _ => {
-            return Err(Error::config(
-                "chart path",
-                format!(
-                    "`{}` must end in `.svg` or `.png` (the extension picks the format)",
-                    path.display()
-                ),
-            ))
-        }
+    let format = Format::of(path)?;
+    let chart = BarChart {
+        layout: Layout::new(bars)?,
+        title,
+        unit,
     };
-    std::fs::write(path, bytes).map_err(|source| Error::File {
-        path: path.display().to_string(),
-        source,
-    })
+    write_figure(path, format, &chart)
 }
 
 /// The same chart as [`bar_chart`], as an SVG document.
@@ -144,24 +130,96 @@ pub fn bar_chart(path: impl AsRef<Path>, title: &str, unit: &str, bars: &[Bar]) 
 /// # Ok::<(), hyperfunc::Error>(())
 /// ```
 pub fn bar_chart_svg(title: &str, unit: &str, bars: &[Bar]) -> Result<String> {
-    let layout = Layout::new(bars)?;
+    render_svg(&BarChart {
+        layout: Layout::new(bars)?,
+        title,
+        unit,
+    })
+}
+
+/// A chart's file format, picked by the extension of the path it is written to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `.svg`: an SVG document.
+    Svg,
+    /// `.png`: an RGB PNG image.
+    Png,
+}
+
+impl Format {
+    /// The format named by `path`'s extension, `.svg` or `.png` (either case).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (`chart path`) for any other extension, or none.
+    pub(crate) fn of(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("svg") => Ok(Format::Svg),
+            Some("png") => Ok(Format::Png),
+            _ => Err(Error::config(
+                "chart path",
+                format!(
+                    "`{}` must end in `.svg` or `.png` (the extension picks the format)",
+                    path.display()
+                ),
+            )),
+        }
+    }
+}
+
+/// What drawing on a plotters backend returns.
+pub(crate) type DrawResult<DB> =
+    std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+/// A chart that draws itself on any plotters backend, so that one drawing routine gives both
+/// the SVG and the PNG. Text uses [`FontFamily::SansSerif`]; call [`ensure_font`] before
+/// measuring any text (the renderers below call it too).
+pub(crate) trait Figure {
+    /// The canvas, pixels: (width, height).
+    fn size(&self) -> (u32, u32);
+    /// Draws the whole chart on `root` (which is not filled yet).
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB>;
+}
+
+/// `figure` rendered as `format` and written to `path`.
+///
+/// # Errors
+/// A drawing failure as [`Error::InvalidConfig`] (`chart`); [`Error::File`] when the file
+/// cannot be written.
+pub(crate) fn write_figure(path: &Path, format: Format, figure: &impl Figure) -> Result<()> {
+    let bytes = match format {
+        Format::Svg => render_svg(figure)?.into_bytes(),
+        Format::Png => render_png(figure)?,
+    };
+    std::fs::write(path, bytes).map_err(|source| Error::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// `figure` as an SVG document.
+pub(crate) fn render_svg(figure: &impl Figure) -> Result<String> {
+    ensure_font()?;
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, layout.height)).into_drawing_area();
-        draw(&root, &layout, title, unit).map_err(drawing_failed)?;
+        let root = SVGBackend::with_string(&mut svg, figure.size()).into_drawing_area();
+        figure.draw_on(&root).map_err(drawing_failed)?;
         root.present().map_err(drawing_failed)?;
     }
     Ok(svg)
 }
 
-/// The chart as PNG bytes (RGB, 8 bits).
-fn render_png(title: &str, unit: &str, bars: &[Bar]) -> Result<Vec<u8>> {
-    let layout = Layout::new(bars)?;
-    let (w, h) = (WIDTH, layout.height);
+/// `figure` as PNG bytes (RGB, 8 bits).
+pub(crate) fn render_png(figure: &impl Figure) -> Result<Vec<u8>> {
+    ensure_font()?;
+    let (w, h) = figure.size();
     let mut rgb = vec![0u8; w as usize * h as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
-        draw(&root, &layout, title, unit).map_err(drawing_failed)?;
+        figure.draw_on(&root).map_err(drawing_failed)?;
         root.present().map_err(drawing_failed)?;
     }
     let mut png_bytes = Vec::new();
@@ -176,8 +234,25 @@ fn render_png(title: &str, unit: &str, bars: &[Bar]) -> Result<Vec<u8>> {
 
 /// A failure inside plotters or the PNG encoder: not the caller's input, but reported as a
 /// chart error rather than a panic.
-fn drawing_failed(e: impl Display) -> Error {
+pub(crate) fn drawing_failed(e: impl Display) -> Error {
     Error::config("chart", format!("drawing the chart failed: {e}"))
+}
+
+/// A validated bar chart with its texts.
+struct BarChart<'a> {
+    layout: Layout,
+    title: &'a str,
+    unit: &'a str,
+}
+
+impl Figure for BarChart<'_> {
+    fn size(&self) -> (u32, u32) {
+        (WIDTH, self.layout.height)
+    }
+
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
+        draw(root, &self.layout, self.title, self.unit)
+    }
 }
 
 /// Everything measured before drawing: validated bars, clipped labels, sizes.
@@ -257,7 +332,7 @@ fn draw<DB: DrawingBackend>(
     layout: &Layout,
     title: &str,
     unit: &str,
-) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let n = layout.values.len();
     let axis_font = FontDesc::new(FontFamily::SansSerif, AXIS_PX, FontStyle::Normal);
@@ -321,7 +396,7 @@ fn draw<DB: DrawingBackend>(
 
 /// Registers the bundled Noto Sans as plotters' `sans-serif` once per process, unless the
 /// application registered a `sans-serif` font of its own.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static READY: OnceLock<bool> = OnceLock::new();
     let ready = *READY.get_or_init(|| {
         let have = || {
@@ -346,7 +421,7 @@ fn ensure_font() -> Result<()> {
 }
 
 /// The label with control characters as spaces, clipped to [`MAX_LABEL_CHARS`] with `…`.
-fn clip_label(label: &str) -> String {
+pub(crate) fn clip_label(label: &str) -> String {
     let clean = label.chars().map(|c| if c.is_control() { ' ' } else { c });
     if label.chars().count() > MAX_LABEL_CHARS {
         clean
@@ -377,7 +452,7 @@ fn format_value(v: f64) -> String {
 }
 
 /// An axis tick: like [`format_value`] without trailing zeros (`0.5`, `1.25`, `1,000`).
-fn tick_label(v: f64) -> String {
+pub(crate) fn tick_label(v: f64) -> String {
     let s = format_value(v);
     if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()

@@ -60,7 +60,7 @@ mod race;
 mod report;
 pub mod sim;
 mod stats;
-mod store;
+pub(crate) mod store;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

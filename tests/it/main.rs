@@ -22,6 +22,7 @@ mod otlp;
 mod population;
 #[cfg(all(feature = "llm", feature = "derive"))]
 mod prompt;
+mod runs;
 mod system;
 mod tune;
 #[cfg(feature = "llm")]
