@@ -1,6 +1,6 @@
 //! Criterion benches of the engine's hot paths: noise generation, the ES update, population
 //! evaluation of built-in layers (materialized dense vs the low-rank fast path), chunking, and the
-//! LLM limiter's overhead.
+//! LLM limiter's overhead, and what recording a run in a run store costs.
 //! Timings live here, never in tests. `hyperfunc bench --json` gives the headline figures.
 
 use std::hint::black_box;
@@ -157,6 +157,30 @@ fn chunking(c: &mut Criterion) {
 }
 
 /// The LLM limiter's bookkeeping per call (acquire, success, release), uncontended.
+/// XOR for 200 generations, without and with a run store (rows, adaptive checkpoints, the
+/// control poll): what recording a run costs end to end.
+fn runs(c: &mut Criterion) {
+    let rt = rt();
+    let t = hyperfunc::runs::task::task("xor").expect("xor");
+    let dir = std::env::temp_dir().join(format!("hyperfunc-criterion-runs-{}", std::process::id()));
+    let store = hyperfunc::runs::RunStore::open(&dir).expect("store");
+    let es =
+        t.es.clone()
+            .generations(200)
+            .progress(false)
+            .autotune(false);
+    let mut g = c.benchmark_group("runs_xor_200_generations");
+    g.bench_function("no_store", |b| {
+        b.iter(|| rt.block_on(es.optimize(&t.system, &t.examples, t.metric.as_ref())))
+    });
+    let recorded = es.clone().store(store.clone());
+    g.bench_function("run_store", |b| {
+        b.iter(|| rt.block_on(recorded.optimize(&t.system, &t.examples, t.metric.as_ref())))
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[cfg(feature = "llm")]
 fn llm_limiter(c: &mut Criterion) {
     let rt = rt();
@@ -171,6 +195,6 @@ fn llm_limiter(_: &mut Criterion) {}
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = noise, update, evaluation, metrics, chunking, llm_limiter
+    targets = noise, update, evaluation, metrics, chunking, runs, llm_limiter
 }
 criterion_main!(benches);

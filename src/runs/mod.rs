@@ -988,9 +988,15 @@ pub fn plot(store: &RunStore, runs: &[RunId], x: &str, out: &Path) -> Result<()>
             ))
         }
     };
+    // Losses on a log axis (the chart falls back to linear for a value <= 0).
+    let minimize = match runs.first() {
+        Some(&r) => store.info(r)?.config.direction == crate::Direction::Minimize,
+        None => false,
+    };
     let mut panels = vec![
         Panel {
             y_label: "fitness".into(),
+            log_y: minimize,
             ..Default::default()
         },
         Panel {
