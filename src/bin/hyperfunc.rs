@@ -118,6 +118,27 @@ enum Command {
         #[arg(long)]
         save: Option<std::path::PathBuf>,
     },
+    /// Compares a candidate run with a baseline run on the same data and exits 1 when the
+    /// candidate's mean score dropped by more than --max-drop (for CI pipelines).
+    Gate {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The baseline run.
+        #[arg(long)]
+        baseline: hyperfunc::runs::RunId,
+        /// The candidate run (default: the newest other run with such an evaluation).
+        #[arg(long)]
+        candidate: Option<hyperfunc::runs::RunId>,
+        /// The metric, as recorded with `RunStore::record_eval` (higher is better).
+        #[arg(long)]
+        metric: String,
+        /// The largest drop of the mean score tolerated.
+        #[arg(long, default_value_t = 0.0)]
+        max_drop: f64,
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs of a run store: list, show, live control, replay, diff, plot.
     Runs {
         #[command(subcommand)]
@@ -854,6 +875,47 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Command::Runs { command, store } => runs_command(&store.open()?, command, &rt)?,
+        Command::Gate {
+            store,
+            baseline,
+            candidate,
+            metric,
+            max_drop,
+            json,
+        } => {
+            let store = store.open()?;
+            if !(max_drop.is_finite() && max_drop >= 0.0) {
+                return Err(format!("--max-drop must be >= 0, got {max_drop}").into());
+            }
+            let candidate = match candidate {
+                Some(c) => c,
+                None => store.latest_evaluated(baseline, &metric)?.ok_or_else(|| {
+                    format!("no run other than {baseline} has a `{metric}` evaluation; give --candidate")
+                })?,
+            };
+            let c = store.compare(baseline, candidate, &metric)?;
+            let regressed = c.regressed(max_drop);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"comparison": c, "max_drop": max_drop, "regressed": regressed})
+                );
+            } else {
+                println!(
+                    "{} on {} v{} ({}, {} paired items): baseline run {} {:.4}, candidate run {} {:.4}, diff {:+.4} (95% CI {:+.4} … {:+.4}{})",
+                    c.metric, c.dataset.name, c.dataset.version, c.split, c.paired, c.baseline,
+                    c.baseline_mean, c.candidate, c.candidate_mean, c.diff, c.ci95.0, c.ci95.1,
+                    if c.significant() { ", significant" } else { "" }
+                );
+            }
+            if regressed {
+                return Err(format!(
+                    "regression: {} dropped {:.4} (more than --max-drop {max_drop}) from run {} to run {}",
+                    c.metric, -c.diff, c.baseline, c.candidate
+                )
+                .into());
+            }
+        }
         Command::Bench {
             json,
             quick,

@@ -30,10 +30,12 @@
 //! # }).unwrap();
 //! ```
 
+mod dataset;
 #[cfg(feature = "llm")]
 mod judge;
 mod judgement;
 mod scorers;
+mod trajectory;
 
 use std::future::Future;
 
@@ -46,10 +48,12 @@ use crate::error::{Error, Result};
 use crate::function::Json;
 use crate::metric::{Batch, Metric};
 
+pub use dataset::{Dataset, Item, Split};
 #[cfg(feature = "llm")]
 pub use judge::*;
 pub use judgement::parse_judgement;
 pub use scorers::*;
+pub use trajectory::{Step, Trajectory, TrajectoryScore};
 
 /// Feedback of a case whose prediction is `Json::Null`, the engine's mark of a failed call.
 pub const NO_OUTPUT_FEEDBACK: &str = "no output (the call failed)";

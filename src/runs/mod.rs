@@ -49,6 +49,7 @@
 
 pub mod bench;
 mod checkpoint;
+mod experiment;
 mod record;
 pub mod schema;
 pub mod task;
@@ -62,6 +63,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use experiment::{Comparison, DatasetVersion, Evaluation};
 pub(crate) use record::{Flow, Recorder, Restored};
 pub use schema::RunConfig;
 
@@ -313,6 +315,14 @@ CREATE TABLE IF NOT EXISTS checkpoints(
   run INTEGER NOT NULL, gen INTEGER NOT NULL, file TEXT NOT NULL, bytes INTEGER NOT NULL,
   score REAL, kind TEXT NOT NULL, best_file TEXT, created_at REAL NOT NULL,
   PRIMARY KEY(run, gen));
+CREATE TABLE IF NOT EXISTS datasets(
+  name TEXT NOT NULL, version INTEGER NOT NULL, hash TEXT NOT NULL, items INTEGER NOT NULL,
+  body TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY(name, version));
+CREATE TABLE IF NOT EXISTS evaluations(
+  run INTEGER NOT NULL, dataset TEXT NOT NULL, version INTEGER NOT NULL, hash TEXT NOT NULL,
+  split TEXT NOT NULL, metric TEXT NOT NULL, n INTEGER NOT NULL, mean REAL NOT NULL,
+  scores TEXT NOT NULL, created_at REAL NOT NULL,
+  PRIMARY KEY(run, dataset, version, split, metric));
 ";
 
 /// A directory of runs: `runs.sqlite` and one `run-<id>/` folder of checkpoints per run.

@@ -735,3 +735,173 @@ fn cli_controls_lists_diffs_and_plots() {
         assert!(err.contains("gen, evals or seconds"), "{err}");
     }
 }
+
+fn qa() -> hyperfunc::eval::Dataset {
+    hyperfunc::eval::Dataset::from_jsonl(
+        "qa",
+        &(0..40)
+            .map(|i| {
+                format!(
+                    r#"{{"id": "q{i}", "input": {i}, "expected": {}, "tags": [{}]}}"#,
+                    i * 2,
+                    if i % 4 == 0 { r#""hard""# } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn datasets_version_split_and_gate_a_regression() {
+    use hyperfunc::eval::{Dataset, Split};
+    let root = temp_dir("gate");
+    let store = RunStore::open(&root).unwrap();
+    let ds = qa();
+    let v1 = store.put_dataset(&ds).unwrap();
+    assert_eq!((v1.version, v1.items), (1, 40));
+    assert_eq!(store.put_dataset(&ds).unwrap(), v1); // same content, same version
+    let mut items = ds.items().to_vec();
+    items[3].expected = json!(7);
+    let v2 = store
+        .put_dataset(&Dataset::new("qa", items).unwrap())
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    assert_ne!(v2.hash, v1.hash);
+    let (back, bv) = store.dataset("qa", Some(1)).unwrap();
+    assert_eq!((back.hash(), bv), (ds.hash(), v1.clone()));
+    // Splits partition the items; tags filter.
+    let parts: Vec<usize> = [Split::Train, Split::Val, Split::Test]
+        .iter()
+        .map(|&s| ds.split(s, (0.5, 0.25, 0.25), 3).len())
+        .collect();
+    assert_eq!(parts.iter().sum::<usize>(), 40);
+    assert!(parts.iter().all(|&n| n > 0), "{parts:?}");
+    assert_eq!(ds.with_tags(&["hard"]).len(), 10);
+    assert_eq!(ds.without_tags(&["hard"]).len(), 30);
+    let bad =
+        Dataset::from_jsonl("x", "{\"input\": 1}\n{\"input\": 2, \"expected\": 3}").unwrap_err();
+    assert!(bad.to_string().contains("line 1"), "{bad}");
+
+    // Three runs scored on all of v1: a baseline, one as good, one worse.
+    let es = Es::default();
+    let runs: Vec<RunId> = (0..3)
+        .map(|i| store.create(&format!("r{i}"), &es).unwrap())
+        .collect();
+    let test = ds.clone();
+    let score = |k: usize| -> Vec<(String, f64)> {
+        test.items()
+            .iter()
+            .enumerate()
+            .map(|(j, it)| (it.id.clone(), if j % 10 < k { 0.0 } else { 1.0 }))
+            .collect()
+    };
+    store
+        .record_eval(runs[0], &v1, "all", "accuracy", &score(1))
+        .unwrap();
+    store
+        .record_eval(runs[1], &v1, "all", "accuracy", &score(1))
+        .unwrap();
+    let d = root.to_str().unwrap();
+    let (b, c1) = (runs[0].to_string(), runs[1].to_string());
+    let out = String::from_utf8(cli_ok(
+        &[
+            "gate",
+            "--store",
+            d,
+            "--baseline",
+            &b,
+            "--candidate",
+            &c1,
+            "--metric",
+            "accuracy",
+            "--max-drop",
+            "0.01",
+        ],
+        &[],
+    ))
+    .unwrap();
+    assert!(out.contains("diff +0.0000"), "{out}");
+    store
+        .record_eval(runs[2], &v1, "all", "accuracy", &score(4))
+        .unwrap();
+    // Default candidate: the newest evaluated run, which regressed.
+    let err = cli_err(
+        &[
+            "gate",
+            "--store",
+            d,
+            "--baseline",
+            &b,
+            "--metric",
+            "accuracy",
+            "--max-drop",
+            "0.01",
+        ],
+        &[],
+    );
+    assert!(err.contains("regression: accuracy dropped"), "{err}");
+    let cmp = store.compare(runs[0], runs[2], "accuracy").unwrap();
+    assert!(
+        cmp.diff < -0.2 && cmp.ci95.1 < 0.0 && cmp.significant(),
+        "{cmp:?}"
+    );
+    assert_eq!(cmp.paired, test.len());
+    // A candidate scored on other data is refused, naming both.
+    store
+        .record_eval(runs[1], &v2, "all", "f1", &score(0))
+        .unwrap();
+    store
+        .record_eval(runs[0], &v1, "all", "f1", &score(0))
+        .unwrap();
+    let err = store
+        .compare(runs[0], runs[1], "f1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("qa v2 all") && err.contains("version 1"),
+        "{err}"
+    );
+    assert!(store
+        .record_eval(runs[0], &v1, "all", "accuracy", &[("q1".into(), f64::NAN)])
+        .unwrap_err()
+        .to_string()
+        .contains("non-finite"));
+}
+
+#[tokio::test]
+async fn trajectories_come_from_the_trace() {
+    use hyperfunc::eval::Trajectory;
+    use hyperfunc::{IoError, IoParams};
+    let search = HyperFn::io("search", None, |x: Value, _p: IoParams| async move {
+        Ok::<_, IoError>(json!({"q": x}))
+    });
+    let answer = HyperFn::io("answer", None, |x: Value, _p: IoParams| async move {
+        Ok::<_, IoError>(x["q"].clone())
+    });
+    let net = Chain::new(vec![search, answer]);
+    let data =
+        hyperfunc::Examples::json(vec![json!("a"), json!("b")], vec![json!("a"), json!("c")])
+            .unwrap();
+    let hub = Hub::new();
+    let metric = hyperfunc::eval::metric(hyperfunc::eval::ExactMatch::new());
+    let theta = hyperfunc::Theta::init(&net, 0, &candle_core::Device::Cpu).unwrap();
+    let pop = hyperfunc::Population::center(theta);
+    hyperfunc::evaluate_population_observed(&net, &pop, &data, &metric, 1 << 18, &hub)
+        .await
+        .unwrap();
+    let records = hub.records();
+    let t = Trajectory::from_records(&records, None, 0, 1);
+    let names: Vec<&str> = t.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["search", "answer"]);
+    let s = t.score(&["search", "calc", "answer"], &json!("c"), &json!("b"));
+    assert!(!s.exact_match);
+    assert_eq!(
+        (s.precision, s.recall, s.tool_efficiency),
+        (1.0, 2.0 / 3.0, 1.0)
+    );
+    assert!(Trajectory::from_records(&records, Some(0), 0, 1)
+        .steps
+        .is_empty());
+}
