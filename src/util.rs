@@ -37,3 +37,19 @@ pub(crate) fn now_s() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |t| t.as_secs_f64())
 }
+
+/// Levenshtein distance between `a` and `b` (in characters).
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}

@@ -294,33 +294,13 @@ impl Session<'_> {
     /// `GET /models`: the ids, `None` when the server has no such route.
     async fn models(&self) -> Result<Option<Vec<String>>> {
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let r = self
-            .auth(self.http.get(format!("{}/models", self.probe.base_url)))
-            .timeout(self.probe.request_timeout)
-            .send()
-            .await
-            .map_err(|e| endpoint_error(format!("{}/models: {e}", self.probe.base_url)))?;
-        let status = r.status().as_u16();
-        if status == 401 || status == 403 {
-            return Err(endpoint_error(format!(
-                "{}/models answered {status}: the key is refused; nothing else was sent",
-                self.probe.base_url
-            )));
-        }
-        if !(200..300).contains(&status) {
-            return Ok(None);
-        }
-        let v: Json = r.json().await.unwrap_or_default();
-        Ok(Some(
-            v["data"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|m| m["id"].as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        ))
+        list_models(
+            &self.http,
+            &self.probe.base_url,
+            self.probe.api_key.as_deref(),
+            self.probe.request_timeout,
+        )
+        .await
     }
 
     /// One chat completion of about `prompt_tokens` tokens asking for `max_tokens`.
@@ -536,18 +516,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
     // 1. The model list.
     let listed = match s.models().await? {
         Some(ids) if !ids.iter().any(|m| m == &probe.model) => {
-            let mut close: Vec<&String> = ids
-                .iter()
-                .filter(|m| {
-                    let common = m
-                        .chars()
-                        .zip(probe.model.chars())
-                        .take_while(|(a, b)| a == b)
-                        .count();
-                    common >= 3 || m.contains(&probe.model) || probe.model.contains(m.as_str())
-                })
-                .collect();
-            close.truncate(5);
+            let close = closest_models(&ids, &probe.model);
             return Err(endpoint_error(format!(
                 "model `{}` is not served by {}; closest: {:?} (of {} models)",
                 probe.model,
@@ -725,4 +694,49 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         created_at: crate::util::now_s() as i64,
         seconds: s.started.elapsed().as_secs_f64(),
     })
+}
+
+/// `GET {base_url}/models`: the ids; `None` when the server has no such route or answers
+/// without a `data` list; an error when the key is refused.
+pub(crate) async fn list_models(
+    http: &reqwest::Client,
+    base_url: &str,
+    key: Option<&str>,
+    timeout: Duration,
+) -> Result<Option<Vec<String>>> {
+    let req = http.get(format!("{base_url}/models")).timeout(timeout);
+    let req = match key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    };
+    let r = req
+        .send()
+        .await
+        .map_err(|e| endpoint_error(format!("{base_url}/models: {e}")))?;
+    let status = r.status().as_u16();
+    if status == 401 || status == 403 {
+        return Err(endpoint_error(format!(
+            "{base_url}/models answered {status}: the key is refused; nothing else was sent"
+        )));
+    }
+    if !(200..300).contains(&status) {
+        return Ok(None);
+    }
+    let v: Json = r.json().await.unwrap_or_default();
+    Ok(v["data"].as_array().map(|a| {
+        a.iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect()
+    }))
+}
+
+/// Up to five of `ids` closest to `model` (by edit distance; ties in the server's order).
+pub(crate) fn closest_models<'a>(ids: &'a [String], model: &str) -> Vec<&'a String> {
+    let mut close: Vec<(usize, usize, &String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (crate::util::edit_distance(m, model), i, m))
+        .collect();
+    close.sort();
+    close.into_iter().take(5).map(|c| c.2).collect()
 }

@@ -242,6 +242,20 @@ enum RunsCommand {
         /// The run id.
         run: hyperfunc::runs::RunId,
     },
+    /// Asks an LLM about the runs (it reads them through typed, read-only tools). The
+    /// endpoint comes from OPENAI_BASE_URL / OPENAI_API_KEY; the model from --model, then
+    /// ./hyperfunc.json's `analytics_model`, then HYPERFUNC_ANALYTICS_MODEL, then a default.
+    #[cfg(feature = "llm")]
+    Ask {
+        /// The question.
+        question: String,
+        /// The model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Apply a command the model proposes without asking (it is still checked).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Settings, commands and curves of two runs.
     Diff {
         /// The first run.
@@ -742,6 +756,57 @@ fn runs_command(
             );
             if !same {
                 return Err(format!("replay of run {run} did not reproduce its θ").into());
+            }
+        }
+        #[cfg(feature = "llm")]
+        RunsCommand::Ask {
+            question,
+            model,
+            yes,
+        } => {
+            use std::io::IsTerminal;
+            let cfg = hyperfunc::llm::LlmConfig::from_env()?;
+            let analyst = rt.block_on(hyperfunc::runs::ask::Analyst::new(
+                store,
+                cfg,
+                model.as_deref(),
+            ))?;
+            let (m, source) = analyst.model();
+            let est = analyst.estimate(&question)?;
+            println!(
+                "model {m} ({source}); at most {} requests of ≤ {} completion tokens, first prompt ≈ {} tokens; {}",
+                est.max_requests,
+                est.max_tokens,
+                est.prompt_tokens,
+                est.max_usd.map_or("price unknown (no price configured for the model)".into(), |u| format!("≤ ${u:.4}"))
+            );
+            let a = rt.block_on(analyst.ask(&question))?;
+            for c in &a.tool_calls {
+                println!("  tool {c}");
+            }
+            println!("\n{}\n", a.text);
+            println!(
+                "cost ${:.6} ({} prompt + {} completion tokens); answer {} stored",
+                a.cost_usd, a.usage.input_tokens, a.usage.output_tokens, a.id
+            );
+            if let Some((run, action)) = a.proposal {
+                let what = format!("{run}: {action}");
+                let confirmed = yes || {
+                    if std::io::stdin().is_terminal() {
+                        eprint!("proposed for run {what}: apply? [y/N] ");
+                        let mut line = String::new();
+                        std::io::stdin().read_line(&mut line)?;
+                        line.trim().eq_ignore_ascii_case("y")
+                    } else {
+                        false
+                    }
+                };
+                if confirmed {
+                    let id = hyperfunc::runs::ask::apply_proposal(store, run, action)?;
+                    println!("proposal applied as cmd {id} (source ask)");
+                } else {
+                    println!("proposed for run {what}: not applied (--yes applies it)");
+                }
             }
         }
         RunsCommand::Diff { a, b, json } => {

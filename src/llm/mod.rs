@@ -370,7 +370,7 @@ impl ChatRequest {
     }
 
     /// A rough count of the prompt's tokens: characters / 4 (16 per message for the framing).
-    fn prompt_tokens_estimate(&self) -> u32 {
+    pub(crate) fn prompt_tokens_estimate(&self) -> u32 {
         let chars: usize = self.messages.iter().map(|m| m.content.len() + 16).sum();
         (chars / 4) as u32
     }

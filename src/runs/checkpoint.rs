@@ -53,12 +53,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, directory fsync.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(io(&tmp))?;
+    commit(&tmp, path)
+}
+
+/// Makes the finished file `tmp` durable as `path`: fsync, rename over, directory fsync.
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(tmp))?;
+    std::fs::rename(tmp, path).map_err(io(path))?;
     if let Some(dir) = path.parent() {
         // A directory fsync makes the rename durable; not every platform can open a directory.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -137,13 +143,5 @@ pub(crate) fn load(path: &Path, device: &Device) -> Result<State> {
 pub(crate) fn save_theta(path: &Path, theta: &Theta) -> Result<()> {
     let tmp = path.with_extension("part");
     theta.save(&tmp)?;
-    let f = std::fs::File::open(&tmp).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    commit(&tmp, path)
 }

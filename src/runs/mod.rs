@@ -47,6 +47,8 @@
 //! # }).unwrap();
 //! ```
 
+#[cfg(feature = "llm")]
+pub mod ask;
 pub mod bench;
 mod checkpoint;
 mod experiment;
@@ -257,6 +259,20 @@ impl Action {
     }
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Set(m) => {
+                let kv: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "set {}", kv.join(" "))
+            }
+            Action::Clear(k) => write!(f, "clear {}", k.join(" ")),
+            Action::StopNow => f.write_str("stop --now"),
+            a => f.write_str(a.name()),
+        }
+    }
+}
+
 /// One stored command.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Command {
@@ -323,6 +339,10 @@ CREATE TABLE IF NOT EXISTS evaluations(
   split TEXT NOT NULL, metric TEXT NOT NULL, n INTEGER NOT NULL, mean REAL NOT NULL,
   scores TEXT NOT NULL, created_at REAL NOT NULL,
   PRIMARY KEY(run, dataset, version, split, metric));
+CREATE TABLE IF NOT EXISTS answers(
+  id INTEGER PRIMARY KEY, question TEXT NOT NULL, model TEXT NOT NULL, source TEXT NOT NULL,
+  answer TEXT NOT NULL, proposal TEXT, tool_calls TEXT NOT NULL, input_tokens INTEGER NOT NULL,
+  output_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, estimate_usd REAL, created_at REAL NOT NULL);
 ";
 
 /// A directory of runs: `runs.sqlite` and one `run-<id>/` folder of checkpoints per run.

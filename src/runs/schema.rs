@@ -162,7 +162,7 @@ pub fn setting(name: &str) -> std::result::Result<&'static Setting, String> {
     SETTINGS.iter().find(|s| s.name == name).ok_or_else(|| {
         let mut close: Vec<(usize, &str)> = SETTINGS
             .iter()
-            .map(|s| (edit_distance(name, s.name), s.name))
+            .map(|s| (crate::util::edit_distance(name, s.name), s.name))
             .collect();
         close.sort();
         let names: Vec<&str> = close.iter().take(3).map(|c| c.1).collect();
@@ -181,21 +181,6 @@ pub fn live_names() -> Vec<&'static str> {
         .filter(|s| s.kind != Kind::RestartOnly)
         .map(|s| s.name)
         .collect()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// Checks one value against its setting's kind; the value to store.

@@ -23,6 +23,8 @@ mod population;
 #[cfg(all(feature = "llm", feature = "derive"))]
 mod prompt;
 mod runs;
+#[cfg(feature = "llm")]
+mod runs_ask;
 mod system;
 mod tune;
 #[cfg(feature = "llm")]

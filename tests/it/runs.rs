@@ -35,6 +35,15 @@ fn xor_es(store: &RunStore, generations: usize) -> Es {
         })
 }
 
+/// A fresh store in a temporary directory, the XOR settings and a created run.
+fn xor_run(name: &str, generations: usize) -> (PathBuf, RunStore, Es, RunId) {
+    let dir = temp_dir(name);
+    let store = RunStore::open(&dir).unwrap();
+    let es = xor_es(&store, generations);
+    let run = store.create("xor", &es).unwrap();
+    (dir, store, es, run)
+}
+
 /// Waits (bounded) until `cond` holds, polling the store's observable state.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
@@ -50,10 +59,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn scheduled_commands_apply_at_their_boundary_are_logged_and_replay_bit_for_bit() {
-    let dir = temp_dir("schedule");
-    let store = RunStore::open(&dir).unwrap();
-    let es = xor_es(&store, 200);
-    let run = store.create("xor", &es).unwrap();
+    let (_, store, es, run) = xor_run("schedule", 200);
     let ctl = store.control(run);
     ctl.clone().at_gen(50).set("lr", 0.3).unwrap();
     ctl.clone()
@@ -260,10 +266,7 @@ async fn stop_now_cancels_the_generation_in_flight_and_still_checkpoints() {
 
 #[tokio::test]
 async fn control_file_is_applied_or_kept_with_its_error() {
-    let dir = temp_dir("file");
-    let store = RunStore::open(&dir).unwrap();
-    let es = xor_es(&store, 20);
-    let run = store.create("xor", &es).unwrap();
+    let (_, store, es, run) = xor_run("file", 20);
     let rd = store.run_dir(run);
     // A refused file: nothing of it is written, and the file is kept with the reason.
     let bad = r#"[{"action": "set", "values": {"lr": 0.2}}, {"action": "set", "values": {"pop_size": 33}}]"#;
@@ -337,10 +340,7 @@ impl Lcg {
 
 #[tokio::test]
 async fn fuzzed_commands_leave_a_valid_config_and_never_apply_in_part() {
-    let dir = temp_dir("fuzz");
-    let store = RunStore::open(&dir).unwrap();
-    let es = xor_es(&store, 30);
-    let run = store.create("xor", &es).unwrap();
+    let (dir, store, es, run) = xor_run("fuzz", 30);
     let ctl = store.control(run).source("fuzz");
     let names = [
         "lr",
