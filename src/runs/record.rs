@@ -75,6 +75,8 @@ pub(crate) struct Recorder {
     evals: u64,
     alerted: HashSet<&'static str>,
     watcher: Option<Watcher>,
+    /// Wall seconds of the last generations (the slow-generation alert's yardstick).
+    recent: std::collections::VecDeque<f64>,
 }
 
 fn gen_row_stats(r: &super::GenRow) -> GenerationStats {
@@ -177,6 +179,7 @@ impl Recorder {
             evals: 0,
             alerted: HashSet::new(),
             watcher: None,
+            recent: std::collections::VecDeque::new(),
         })
     }
 
@@ -592,6 +595,10 @@ impl Recorder {
             )?;
         }
         self.since_ckpt += took;
+        if self.recent.len() == 20 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(took.as_secs_f64());
         let due = match self.policy.every {
             Some(n) => er.generation() % n.max(1) == 0,
             None => self
@@ -752,19 +759,27 @@ impl Recorder {
     }
 
     /// The watcher for `stop --now` during the next generation (give it back with
-    /// [`Recorder::put_watcher`]); opened once per run.
+    /// [`Recorder::put_watcher`]); opened once per run. It also raises the slow-generation
+    /// alert: a generation that takes 10 times the median of the last ones (at least 1 s).
     pub(crate) fn take_watcher(&mut self) -> Result<Option<Watcher>> {
         if matches!(self.mode, Mode::Replay { .. }) {
             return Ok(None);
         }
-        match self.watcher.take() {
-            Some(w) => Ok(Some(w)),
-            None => Ok(Some(Watcher {
+        let expected = (self.recent.len() >= 3).then(|| {
+            let v: Vec<f64> = self.recent.iter().copied().collect();
+            Duration::from_secs_f64((10.0 * crate::util::median(&v)).max(1.0))
+        });
+        let mut w = match self.watcher.take() {
+            Some(w) => w,
+            None => Watcher {
                 conn: self.store.conn()?,
                 store: self.store.clone(),
                 run: self.run,
-            })),
-        }
+                expected: None,
+            },
+        };
+        w.expected = expected;
+        Ok(Some(w))
     }
 
     pub(crate) fn put_watcher(&mut self, w: Watcher) {
@@ -854,13 +869,32 @@ pub(crate) struct Watcher {
     conn: Connection,
     store: RunStore,
     run: RunId,
+    /// Longer than this, the generation is reported slow (once).
+    expected: Option<Duration>,
 }
 
 impl Watcher {
     /// Resolves when a `stop_now` command is pending for the run.
     pub(crate) async fn stop_now(&mut self, gen: usize) -> String {
+        let started = Instant::now();
+        let mut slow_reported = false;
         loop {
             tokio::time::sleep(WATCH).await;
+            if let Some(limit) = self
+                .expected
+                .filter(|l| !slow_reported && started.elapsed() > *l)
+            {
+                slow_reported = true;
+                let message = format!(
+                    "gen {gen}: no generation for {:.1} s (10 times the recent median)",
+                    limit.as_secs_f64()
+                );
+                eprintln!("run {} alert: {message}", self.run);
+                let _ = self.conn.execute(
+                    "INSERT INTO events(run, gen, at, kind, message) VALUES (?1, ?2, ?3, 'alert', ?4)",
+                    params![self.run.0, gen as i64, now_s(), message],
+                );
+            }
             let _ = ingest_control_file(&self.store, self.run);
             let found: Option<(i64, String)> = self
                 .conn

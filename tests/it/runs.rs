@@ -243,6 +243,14 @@ async fn stop_now_cancels_the_generation_in_flight_and_still_checkpoints() {
     wait_for("three generations", || {
         store.generations(run).unwrap().len() == 3
     });
+    // The hung generation is reported (10 times the recent median, at least 1 s).
+    wait_for("the slow-generation alert", || {
+        store
+            .events(run)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "alert" && e.message.starts_with("gen 3: no generation for 1.0 s"))
+    });
     store.control(run).source("cli").stop_now().unwrap();
     let report = task.await.unwrap().unwrap();
     assert_eq!(report.stop, StopReason::Command);
