@@ -1567,7 +1567,7 @@ impl PyReport {
     minimize=false, antithetic=true, patience=None, target=None, weight_decay=0.0,
     optimizer="adam", momentum=0.9, max_batch_size=262_144, max_failure_rate=1.0,
     progress=true, init=None, hub=None, store=None, run=None, run_name=None,
-    checkpoint_every=None
+    checkpoint_every=None, examples_per_eval=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -1596,6 +1596,7 @@ fn optimize(
     run: Option<i64>,
     run_name: Option<String>,
     checkpoint_every: Option<usize>,
+    examples_per_eval: Option<usize>,
 ) -> PyResult<PyReport> {
     let (sys, m) = (self::system(system)?, Shared(metric_of(metric)?));
     let mut es = Es::default()
@@ -1632,6 +1633,9 @@ fn optimize(
     }
     if let Some(t) = init {
         es = es.init(t.0);
+    }
+    if let Some(n) = examples_per_eval {
+        es = es.examples_per_eval(n);
     }
     if let Some(h) = hub {
         es = es.hub(h.0);

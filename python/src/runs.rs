@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use hyperfunc::eval::Dataset;
 use hyperfunc::runs::{Action, RunId, RunStore};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -78,6 +79,66 @@ impl PyRunStore {
     /// θ of the run's latest checkpoint.
     fn theta(&self, run: i64) -> PyResult<PyTheta> {
         self.0.theta(RunId(run)).map(PyTheta).map_err(to_py)
+    }
+
+    /// Stores a dataset (a list of `{"input", "expected", "id"?, "tags"?}` dicts, or JSON Lines
+    /// text) as a new version of `name` when its content changed; the version as a dict
+    /// (name, version, hash, items).
+    fn put_dataset<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        items: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ds = if let Ok(text) = items.extract::<String>() {
+            Dataset::from_jsonl(name, &text)
+        } else {
+            let json = to_json(items)?;
+            let items = serde_json::from_value(json).map_err(|e| {
+                ConfigError::new_err(format!(
+                    "items: expected a list of {{\"input\", \"expected\", \"id\"?, \"tags\"?}} dicts ({e})"
+                ))
+            })?;
+            Dataset::new(name, items)
+        }
+        .map_err(to_py)?;
+        py_of(py, &self.0.put_dataset(&ds).map_err(to_py)?)
+    }
+
+    /// Records run `run`'s scores (`{item id: score}`, higher is better) on version `version`
+    /// of dataset `name` (default: the newest), split `split`, under `metric`; the mean.
+    #[pyo3(signature = (run, name, scores, *, metric, split="all", version=None))]
+    fn record_eval(
+        &self,
+        run: i64,
+        name: &str,
+        scores: std::collections::BTreeMap<String, f64>,
+        metric: &str,
+        split: &str,
+        version: Option<u32>,
+    ) -> PyResult<f64> {
+        let (_, v) = self.0.dataset(name, version).map_err(to_py)?;
+        let scores: Vec<(String, f64)> = scores.into_iter().collect();
+        self.0
+            .record_eval(RunId(run), &v, split, metric, &scores)
+            .map(|e| e.mean)
+            .map_err(to_py)
+    }
+
+    /// `candidate` against `baseline` under `metric` on the same data: paired means, the
+    /// difference and its 95% interval, as a dict.
+    fn compare<'py>(
+        &self,
+        py: Python<'py>,
+        baseline: i64,
+        candidate: i64,
+        metric: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self
+            .0
+            .compare(RunId(baseline), RunId(candidate), metric)
+            .map_err(to_py)?;
+        py_of(py, &c)
     }
 
     /// A handle that writes commands to run `run`.

@@ -69,3 +69,27 @@ def test_control_from_another_thread(tmp_path):
     with pytest.raises(hf.ConfigError, match="seed: 3 → 4"):
         hf.optimize(net, data, "bce", minimize=True, lr=0.1, generations=10_000_000, seed=4,
                     progress=False, store=str(tmp_path), run=1)
+
+
+def test_datasets_evaluations_and_comparison(tmp_path):
+    net, data = xor()
+    store = hf.RunStore(str(tmp_path))
+    for seed in (1, 2):
+        hf.optimize(net, data, "bce", minimize=True, generations=5, seed=seed, progress=False,
+                    store=str(tmp_path))
+    items = [{"id": f"q{i}", "input": i, "expected": 2 * i} for i in range(20)]
+    v = store.put_dataset("double", items)
+    assert (v["version"], v["items"]) == (1, 20)
+    assert store.put_dataset("double", items) == v
+    lines = "\n".join('{"input": %d, "expected": %d}' % (i, 3 * i) for i in range(5))
+    assert store.put_dataset("triple", lines)["items"] == 5
+    good = {f"q{i}": 1.0 for i in range(20)}
+    worse = {f"q{i}": float(i % 2) for i in range(20)}
+    assert store.record_eval(1, "double", good, metric="accuracy") == 1.0
+    assert store.record_eval(2, "double", worse, metric="accuracy") == 0.5
+    c = store.compare(1, 2, "accuracy")
+    assert c["paired"] == 20 and c["diff"] == -0.5 and c["ci95"][1] < 0
+    with pytest.raises(hf.ConfigError, match="no `f1` evaluation"):
+        store.compare(1, 2, "f1")
+    with pytest.raises(hf.ConfigError, match="line 1"):
+        store.put_dataset("bad", '{"input": 1}')

@@ -233,6 +233,7 @@ pub struct Es {
     target: Option<f32>,
     antithetic: bool,
     max_batch_size: usize,
+    examples_per_eval: Option<usize>,
     autotune: bool,
     max_failure_rate: f64,
     progress: bool,
@@ -269,6 +270,7 @@ impl Default for Es {
             target: None,
             antithetic: true,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            examples_per_eval: None,
             autotune: true,
             max_failure_rate: 1.0,
             progress: true,
@@ -344,6 +346,14 @@ impl Es {
     /// Minimise the metric.
     pub fn minimize(self) -> Self {
         self.direction(Direction::Minimize)
+    }
+
+    /// Evaluates each generation on `n` examples only: a fresh subset per generation, drawn from
+    /// the seed and the generation (so a run is still reproducible). The final fitness uses all
+    /// of them. For costly evaluations (LLM calls); noisier gradient estimates.
+    pub fn examples_per_eval(mut self, n: usize) -> Self {
+        self.examples_per_eval = Some(n);
+        self
     }
 
     /// Stops when the best fitness has not improved for `n` generations.
@@ -454,6 +464,7 @@ impl Es {
             antithetic: self.antithetic,
             max_batch_size: self.max_batch_size,
             max_failure_rate: self.max_failure_rate,
+            examples_per_eval: self.examples_per_eval,
         }
     }
 
@@ -475,6 +486,7 @@ impl Es {
         self.antithetic = c.antithetic;
         self.max_batch_size = c.max_batch_size;
         self.max_failure_rate = c.max_failure_rate;
+        self.examples_per_eval = c.examples_per_eval;
         self
     }
 
@@ -532,6 +544,12 @@ impl Es {
         }
         if self.max_batch_size == 0 {
             return Err(Error::config("max_batch_size", "must be at least 1"));
+        }
+        if self.examples_per_eval == Some(0) {
+            return Err(Error::config(
+                "examples_per_eval",
+                "must be at least 1 (leave it unset to evaluate on every example)",
+            ));
         }
         if self.update == Update::Compat && self.shaping != Shaping::ZScore {
             return Err(Error::config(
@@ -665,13 +683,21 @@ impl Es {
                 break;
             }
             let p = run.es.pop_size;
+            let subset;
+            let examples_g = match run.es.examples_per_eval {
+                Some(k) if k < examples.len() => {
+                    subset = examples.select(&subsample(examples.len(), k, self.seed, g))?;
+                    &subset
+                }
+                _ => examples,
+            };
             let pop = run.ask_shared()?;
             if g == first
                 && self.autotune
                 && self.max_batch_size == DEFAULT_MAX_BATCH_SIZE
                 && matches!(self.device, Device::Cpu)
             {
-                tuned = crate::autotune::InUse::look_up(&pop, examples.len());
+                tuned = crate::autotune::InUse::look_up(&pop, examples_g.len());
                 max_batch_size = tuned.max_batch_size().unwrap_or(max_batch_size);
             }
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
@@ -685,7 +711,7 @@ impl Es {
                 &run.reg,
                 sys,
                 pop.clone(),
-                examples,
+                examples_g,
                 metric,
                 max_batch_size,
                 trace,
@@ -711,7 +737,7 @@ impl Es {
                 None => evaluation.await?,
             };
             let eval_s = t0.elapsed().as_secs_f64();
-            if g == first + 2 && tuned.check(p * examples.len(), eval_s) {
+            if g == first + 2 && tuned.check(p * examples_g.len(), eval_s) {
                 max_batch_size = self.max_batch_size;
             }
             if let Some(why) = self.raised() {
@@ -1148,6 +1174,19 @@ impl EsRun {
             failed,
         })
     }
+}
+
+/// `k` of `n` example indices for generation `g` (partial Fisher–Yates from the seed), sorted.
+fn subsample(n: usize, k: usize, seed: u64, g: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in 0..k {
+        let u = crate::rng::uniform(&[seed, g as u64, i as u64, 0x5eb5_a3c1]);
+        let j = i + ((u * (n - i) as f64) as usize).min(n - i - 1);
+        idx.swap(i, j);
+    }
+    let mut picked = idx[..k].to_vec();
+    picked.sort_unstable();
+    picked
 }
 
 /// `Σ_k w_k ε_k` per parameter, with `w_k = u₊ − u₋` for mirrored pairs and `u_k` otherwise.

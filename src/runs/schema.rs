@@ -41,6 +41,9 @@ pub struct RunConfig {
     pub max_batch_size: usize,
     /// Fraction of failed candidates that aborts a generation.
     pub max_failure_rate: f64,
+    /// Examples per generation's evaluation (`None`: all).
+    #[serde(default)]
+    pub examples_per_eval: Option<usize>,
 }
 
 /// What a setting's value must be.
@@ -119,6 +122,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "max_batch_size",
         kind: Kind::Count,
         doc: "rows per batched forward",
+    },
+    Setting {
+        name: "examples_per_eval",
+        kind: Kind::OptionalCount,
+        doc: "examples per generation's evaluation, a fresh seeded subset each generation (null: all)",
     },
     Setting {
         name: "seed",
@@ -263,6 +271,7 @@ impl RunConfig {
                 "weight_decay" => c.weight_decay = f(),
                 "max_failure_rate" => c.max_failure_rate = f(),
                 "max_batch_size" => c.max_batch_size = n(),
+                "examples_per_eval" => c.examples_per_eval = v.as_u64().map(|n| n as usize),
                 other => return Err(format!("`{other}` cannot be set live")),
             }
         }

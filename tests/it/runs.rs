@@ -913,3 +913,70 @@ async fn trajectories_come_from_the_trace() {
         .steps
         .is_empty());
 }
+
+#[tokio::test]
+async fn examples_per_eval_is_reproducible_and_settable_live() {
+    let data = crate::common::xor_data();
+    let net = xor_net(None);
+    let es = Es::default()
+        .pop_size(16)
+        .generations(20)
+        .seed(5)
+        .minimize()
+        .progress(false);
+    let a = es
+        .clone()
+        .examples_per_eval(2)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    let b = es
+        .clone()
+        .examples_per_eval(2)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    let all = es
+        .clone()
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    assert!(a.theta.bit_eq(&b.theta).unwrap());
+    assert!(!a.theta.bit_eq(&all.theta).unwrap());
+    assert!(es.clone().examples_per_eval(0).validate().is_err());
+
+    let (_, store, es, run) = xor_run("subset", 30);
+    store
+        .control(run)
+        .at_gen(10)
+        .set("examples_per_eval", 2)
+        .unwrap();
+    let r = es
+        .clone()
+        .run(run)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    let events: Vec<String> = store
+        .events(run)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("gen 10: examples_per_eval none → 2")),
+        "{events:#?}"
+    );
+    assert_eq!(
+        store.effective_config(run, 10).unwrap().examples_per_eval,
+        Some(2)
+    );
+    let replay = es
+        .replay(run)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    assert!(replay.theta.bit_eq(&r.theta).unwrap());
+}
