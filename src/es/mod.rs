@@ -830,17 +830,7 @@ impl Es {
         }
         bar.finish_and_clear();
         if let Some(r) = rec.as_deref_mut() {
-            let (status, why) = match stop {
-                StopReason::Command => ("stopped", stop_detail.clone().unwrap_or_default()),
-                StopReason::Signal => (
-                    "stopped",
-                    format!("signal: {}", stop_detail.clone().unwrap_or_default()),
-                ),
-                StopReason::Generations => ("finished", "generation limit".to_string()),
-                StopReason::Target => ("finished", "target reached".to_string()),
-                StopReason::Patience => ("finished", "patience ran out".to_string()),
-            };
-            r.finish(run, status, &why)?;
+            r.finish(run, stop, stop_detail.as_deref())?;
         }
 
         let theta = run.theta.clone();

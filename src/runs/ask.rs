@@ -239,6 +239,7 @@ impl Analyst {
         let mut usage = Usage::default();
         let mut cost = 0.0;
         let mut calls = Vec::new();
+        let mut told_to_answer = false;
         let (text, proposal) = loop {
             let resp = self
                 .client
@@ -261,16 +262,15 @@ impl Analyst {
                         .message(Role::Assistant, resp.text.clone())
                         .message(Role::User, format!("Result of {tool}: {result}"));
                 }
-                Some(_) => {
+                // Out of tool rounds: told once to answer, then its reply is the answer.
+                Some(_) if !told_to_answer => {
+                    told_to_answer = true;
                     req = req.message(Role::Assistant, resp.text.clone()).message(
                         Role::User,
                         "No more tools: answer now with {\"answer\": …}.",
                     );
-                    if calls.len() > MAX_ROUNDS {
-                        break (resp.text.clone(), None);
-                    }
-                    calls.push("(refused: too many tool calls)".into());
                 }
+                Some(_) => break (resp.text.clone(), None),
                 None => {
                     let text = reply
                         .as_ref()

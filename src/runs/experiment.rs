@@ -217,15 +217,9 @@ impl RunStore {
     pub fn evaluations(&self, run: RunId, metric: &str) -> Result<Vec<Evaluation>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
-        let mut st = conn
-            .prepare(
-                "SELECT e.dataset, e.version, e.hash, e.split, e.scores, e.mean, d.items FROM evaluations e
+        let rows = self.rows(&conn, "SELECT e.dataset, e.version, e.hash, e.split, e.scores, e.mean, d.items FROM evaluations e
                  LEFT JOIN datasets d ON d.name = e.dataset AND d.version = e.version
-                 WHERE e.run = ?1 AND e.metric = ?2 ORDER BY e.created_at DESC",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![run.0, metric], |r| {
+                 WHERE e.run = ?1 AND e.metric = ?2 ORDER BY e.created_at DESC", params![run.0, metric], |r| {
                 let scores: String = r.get(4)?;
                 Ok(Evaluation {
                     run,
@@ -240,10 +234,7 @@ impl RunStore {
                     scores: serde_json::from_str(&scores).unwrap_or_default(),
                     mean: r.get(5)?,
                 })
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+            })?;
         Ok(rows)
     }
 

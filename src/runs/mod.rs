@@ -208,6 +208,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// Folds this command into live values (`Set` adds, `Clear` removes, others leave them);
+    /// whether it touched them.
+    pub(crate) fn apply_live(&self, live: &mut Map<String, Value>) -> bool {
+        match self {
+            Action::Set(m) => live.extend(m.clone()),
+            Action::Clear(keys) => keys.iter().for_each(|k| {
+                live.remove(k);
+            }),
+            _ => return false,
+        }
+        true
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Action::Set(_) => "set",
@@ -394,6 +407,22 @@ impl RunStore {
         }
     }
 
+    /// The rows of `sql` with `params`, each mapped by `map`.
+    pub(crate) fn rows<T>(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut st = conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params, map)
+            .and_then(|r| r.collect())
+            .map_err(|e| self.err(e));
+        rows
+    }
+
     /// Creates a run of `es`'s configuration named `name`; it starts when `optimize` is given
     /// its id with [`Es::run`](crate::Es::run).
     pub fn create(&self, name: &str, es: &Es) -> Result<RunId> {
@@ -464,15 +493,12 @@ impl RunStore {
     /// Every run, newest first.
     pub fn list(&self) -> Result<Vec<RunInfo>> {
         let conn = self.conn()?;
-        let mut st = conn
-            .prepare(&format!("{} ORDER BY id DESC", Self::INFO))
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([], Self::row_info)
-            .map_err(|e| self.err(e))?
-            .map(|r| r.map(|(i, _)| i))
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+        let rows = self.rows(
+            &conn,
+            &format!("{} ORDER BY id DESC", Self::INFO),
+            [],
+            |r| Self::row_info(r).map(|(i, _)| i),
+        )?;
         Ok(rows)
     }
 
@@ -513,14 +539,8 @@ impl RunStore {
     pub fn generations(&self, run: RunId) -> Result<Vec<GenRow>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
-        let mut st = conn
-            .prepare(
-                "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds
-                 FROM generations WHERE run = ?1 ORDER BY gen",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([run.0], |r| {
+        let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds
+                 FROM generations WHERE run = ?1 ORDER BY gen", [run.0], |r| {
                 let f = |i| r.get::<_, Option<f64>>(i).map(|v| v.unwrap_or(f64::NAN));
                 Ok(GenRow {
                     gen: r.get::<_, i64>(0)? as usize,
@@ -535,10 +555,7 @@ impl RunStore {
                     evals_per_sec: f(9)?,
                     seconds: r.get(10)?,
                 })
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+            })?;
         Ok(rows)
     }
 
@@ -546,11 +563,11 @@ impl RunStore {
     pub fn events(&self, run: RunId) -> Result<Vec<Event>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
-        let mut st = conn
-            .prepare("SELECT id, gen, at, kind, message FROM events WHERE run = ?1 ORDER BY id")
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([run.0], |r| {
+        let rows = self.rows(
+            &conn,
+            "SELECT id, gen, at, kind, message FROM events WHERE run = ?1 ORDER BY id",
+            [run.0],
+            |r| {
                 Ok(Event {
                     id: r.get(0)?,
                     gen: r.get::<_, Option<i64>>(1)?.map(|g| g as usize),
@@ -558,10 +575,8 @@ impl RunStore {
                     kind: r.get(3)?,
                     message: r.get(4)?,
                 })
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+            },
+        )?;
         Ok(rows)
     }
 
@@ -578,14 +593,14 @@ impl RunStore {
         run: RunId,
         filter: &str,
     ) -> Result<Vec<Command>> {
-        let mut st = conn
-            .prepare_cached(&format!(
+        let rows = self.rows(
+            conn,
+            &format!(
                 "SELECT id, source, action, patch, at_gen, status, applied_gen, reason
                  FROM commands WHERE run = ?1 AND {filter} ORDER BY id"
-            ))
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([run.0], |r| {
+            ),
+            [run.0],
+            |r| {
                 let action: String = r.get(2)?;
                 let patch: Option<String> = r.get(3)?;
                 let parsed = Action::from_row(&action, patch.as_deref());
@@ -601,10 +616,8 @@ impl RunStore {
                     },
                     parsed.err(),
                 ))
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+            },
+        )?;
         Ok(rows
             .into_iter()
             .map(|(mut c, bad)| {
@@ -621,14 +634,12 @@ impl RunStore {
     pub fn checkpoints(&self, run: RunId) -> Result<Vec<CheckpointInfo>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
-        let mut st = conn
-            .prepare(
-                "SELECT gen, file, bytes, score, kind FROM checkpoints WHERE run = ?1 ORDER BY gen",
-            )
-            .map_err(|e| self.err(e))?;
         let dir = self.run_dir(run);
-        let rows = st
-            .query_map([run.0], |r| {
+        let rows = self.rows(
+            &conn,
+            "SELECT gen, file, bytes, score, kind FROM checkpoints WHERE run = ?1 ORDER BY gen",
+            [run.0],
+            |r| {
                 Ok(CheckpointInfo {
                     gen: r.get::<_, i64>(0)? as usize,
                     file: dir.join(r.get::<_, String>(1)?),
@@ -636,10 +647,8 @@ impl RunStore {
                     score: r.get(3)?,
                     kind: r.get(4)?,
                 })
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))?;
+            },
+        )?;
         Ok(rows)
     }
 
@@ -764,15 +773,7 @@ fn better(info: &RunInfo, a: f64, b: f64) -> bool {
 pub(crate) fn fold<'a>(commands: impl Iterator<Item = &'a Command>) -> Map<String, Value> {
     let mut live = Map::new();
     for c in commands {
-        match &c.action {
-            Action::Set(m) => live.extend(m.clone()),
-            Action::Clear(keys) => {
-                for k in keys {
-                    live.remove(k);
-                }
-            }
-            _ => {}
-        }
+        c.action.apply_live(&mut live);
     }
     live
 }
@@ -915,24 +916,21 @@ impl Control {
         let mut ids = Vec::with_capacity(items.len());
         for (action, at_gen) in items {
             let action = match action {
-                Action::Set(m) => {
-                    let m = schema::check_patch(&m).map_err(refuse)?;
-                    live.extend(m.clone());
-                    info.config.with_live(&live).map_err(refuse)?;
-                    Action::Set(m)
-                }
+                Action::Set(m) => Action::Set(schema::check_patch(&m).map_err(refuse)?),
                 Action::Clear(keys) => {
                     if keys.is_empty() {
                         return Err(refuse("clear what? name at least one setting".into()));
                     }
                     for k in &keys {
                         schema::setting(k).map_err(refuse)?;
-                        live.remove(k);
                     }
                     Action::Clear(keys)
                 }
                 a => a,
             };
+            if action.apply_live(&mut live) {
+                info.config.with_live(&live).map_err(refuse)?;
+            }
             tx.execute(
                 "INSERT INTO commands(run, created_at, source, action, patch, at_gen) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use super::checkpoint::{self, Meta, State};
 use super::{Action, Checkpoints, Command, RunConfig, RunId, RunStore};
 use crate::error::{Error, Result};
-use crate::es::{Best, Direction, Es, EsRun, GenerationStats};
+use crate::es::{Best, Direction, Es, EsRun, GenerationStats, StopReason};
 use crate::util::now_s;
 
 /// Commands are looked for at most this often (a scheduled one is applied at its generation).
@@ -90,6 +90,38 @@ fn gen_row_stats(r: &super::GenRow) -> GenerationStats {
         failed: r.failed,
         evals_per_sec: r.evals_per_sec,
         seconds: r.seconds,
+    }
+}
+
+/// `lr 0.1 → 0.05, sigma 0.05 → 0.1 (cleared)`: what going from live values `old` to `new`
+/// changes in the effective settings.
+fn describe_change(
+    original: &RunConfig,
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+) -> String {
+    let (before, after) = (original.with_live(old).ok(), original.with_live(new).ok());
+    let mut keys: Vec<&String> = new.keys().chain(old.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let a = before.as_ref().and_then(|c| c.get(k));
+            let b = after.as_ref().and_then(|c| c.get(k));
+            let tag = if new.contains_key(k) {
+                ""
+            } else {
+                " (cleared)"
+            };
+            (a != b || old.contains_key(k) != new.contains_key(k))
+                .then(|| format!("{k} {} → {}{tag}", fmt_value(&a), fmt_value(&b)))
+        })
+        .collect();
+    if diffs.is_empty() {
+        "no change".to_string()
+    } else {
+        diffs.join(", ")
     }
 }
 
@@ -349,15 +381,11 @@ impl Recorder {
                 .cloned()
                 .collect();
             for c in now {
-                match c.action {
-                    Action::Set(m) => self.live.extend(m),
-                    Action::Clear(k) => k.iter().for_each(|k| {
-                        self.live.remove(k);
-                    }),
-                    Action::Stop | Action::StopNow => {
-                        return Ok(Flow::Stop(format!("replayed stop (cmd {})", c.id)))
-                    }
-                    _ => continue,
+                if matches!(c.action, Action::Stop | Action::StopNow) {
+                    return Ok(Flow::Stop(format!("replayed stop (cmd {})", c.id)));
+                }
+                if !c.action.apply_live(&mut self.live) {
+                    continue;
                 }
                 er.set_live(&self.original, &self.live)
                     .map_err(|reason| Error::RunCommand {
@@ -416,60 +444,15 @@ impl Recorder {
                 ));
                 continue;
             }
-            let changed = |live: &mut Map<String, Value>,
-                           new: Map<String, Value>,
-                           er: &mut EsRun,
-                           this: &Self| {
-                let before = this.original.with_live(live).ok();
-                match er.set_live(&this.original, &new) {
-                    Ok(()) => {
-                        let after = this.original.with_live(&new).ok();
-                        let mut keys: Vec<&String> = new.keys().chain(live.keys()).collect();
-                        keys.sort();
-                        keys.dedup();
-                        let diffs: Vec<String> = keys
-                            .into_iter()
-                            .filter_map(|k| {
-                                let a = before.as_ref().and_then(|c| c.get(k));
-                                let b = after.as_ref().and_then(|c| c.get(k));
-                                let tag = if new.contains_key(k) {
-                                    ""
-                                } else {
-                                    " (cleared)"
-                                };
-                                (a != b || (live.contains_key(k) != new.contains_key(k))).then(
-                                    || format!("{k} {} → {}{tag}", fmt_value(&a), fmt_value(&b)),
-                                )
-                            })
-                            .collect();
-                        *live = new;
-                        Ok(if diffs.is_empty() {
-                            "no change".to_string()
-                        } else {
-                            diffs.join(", ")
-                        })
-                    }
-                    Err(why) => Err(why),
-                }
-            };
             let result: std::result::Result<String, String> = match &c.action {
-                Action::Set(m) => {
+                Action::Set(_) | Action::Clear(_) => {
                     let mut new = self.live.clone();
-                    new.extend(m.clone());
-                    let mut live = self.live.clone();
-                    let r = changed(&mut live, new, er, self);
-                    self.live = live;
-                    r
-                }
-                Action::Clear(keys) => {
-                    let mut new = self.live.clone();
-                    keys.iter().for_each(|k| {
-                        new.remove(k);
-                    });
-                    let mut live = self.live.clone();
-                    let r = changed(&mut live, new, er, self);
-                    self.live = live;
-                    r
+                    c.action.apply_live(&mut new);
+                    er.set_live(&self.original, &new).map(|()| {
+                        let what = describe_change(&self.original, &self.live, &new);
+                        self.live = new;
+                        what
+                    })
                 }
                 Action::Pause => {
                     self.paused = true;
@@ -724,10 +707,23 @@ impl Recorder {
     }
 
     /// The end of a run: rows, the final checkpoint, the final event and status.
-    pub(crate) fn finish(&mut self, er: &EsRun, status: &str, why: &str) -> Result<()> {
+    pub(crate) fn finish(
+        &mut self,
+        er: &EsRun,
+        stop: StopReason,
+        detail: Option<&str>,
+    ) -> Result<()> {
         if matches!(self.mode, Mode::Replay { .. }) {
             return Ok(());
         }
+        let detail = detail.unwrap_or_default();
+        let (status, why) = match stop {
+            StopReason::Command => ("stopped", detail.to_string()),
+            StopReason::Signal => ("stopped", format!("signal: {detail}")),
+            StopReason::Generations => ("finished", "generation limit".to_string()),
+            StopReason::Target => ("finished", "target reached".to_string()),
+            StopReason::Patience => ("finished", "patience ran out".to_string()),
+        };
         let g = er.generation();
         self.conn
             .execute(
@@ -737,7 +733,7 @@ impl Recorder {
             .map_err(|e| self.err(e))?;
         self.checkpoint(er, "final")?;
         self.event(Some(g), "finish", &format!("{status} at gen {g}: {why}"))?;
-        self.status(status, Some(why))
+        self.status(status, Some(&why))
     }
 
     /// A run that ended with an error: its rows and the reason (its checkpoints stay).
