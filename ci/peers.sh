@@ -43,6 +43,12 @@ install() {
     apt-get install -y -q postgresql >/dev/null \
       || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }
   fi
+  # The web page's tests drive headless Chromium through chromedriver (tests/it/ui.rs).
+  if ! command -v chromedriver >/dev/null || [ ! -x /usr/bin/chromium ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+  fi
 }
 
 # PostgreSQL: the newest installed server's bin directory (empty when none is installed).

@@ -952,10 +952,12 @@ pub fn render(r: &BenchReport) -> String {
     let u = &r.runs;
     s.push_str(&format!(
         "\nRun store: row {:.3} ms alone, {:.1} µs batched; checkpoint {:.2} ms ({} bytes, state {}) = {:.1}% of a {:.2} ms Task A generation\n\
-         control poll {:.1} µs ({:.3}% of a generation at most); set → applied {:.1} ms; runs diff on 2 × 10 000 generations {:.1} ms\n",
+         control poll {:.1} µs ({:.3}% of a generation at most); set → applied {:.1} ms; runs diff on 2 × 10 000 generations {:.1} ms\n\
+         web page: row → live stream {}\n",
         u.row_commit_ms, u.row_batched_us, u.checkpoint_ms, u.checkpoint_bytes, u.state_bytes,
         100.0 * u.checkpoint_share, u.generation_ms, u.poll_us, 100.0 * u.control_share,
-        u.command_latency_ms, u.diff_ms
+        u.command_latency_ms, u.diff_ms,
+        u.ui_stream_ms.map_or("(not built: cargo feature `ui`)".into(), |ms| format!("{ms:.0} ms (poll 200 ms; rows flushed at least every 250 ms)"))
     ));
     s.push_str(&format!(
         "\n{:.1} s{}\n",

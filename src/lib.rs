@@ -58,6 +58,8 @@ pub mod runs;
 mod system;
 mod theta;
 pub mod tune;
+#[cfg(feature = "ui")]
+pub mod ui;
 mod util;
 
 pub use data::{Examples, Value};

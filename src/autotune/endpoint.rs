@@ -730,6 +730,42 @@ pub(crate) async fn list_models(
     }))
 }
 
+/// `GET {base_url}/model/info` (LiteLLM and proxies like it): each model's price, from
+/// `model_info.input_cost_per_token` and `output_cost_per_token`. Empty when the server has no
+/// such route or lists no prices; a price is a convenience, never a reason to fail.
+pub(crate) async fn model_prices(
+    http: &reqwest::Client,
+    base_url: &str,
+    key: Option<&str>,
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, crate::llm::Price> {
+    let mut prices = std::collections::BTreeMap::new();
+    let req = http.get(format!("{base_url}/model/info")).timeout(timeout);
+    let req = match key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    };
+    let Ok(r) = req.send().await else {
+        return prices;
+    };
+    if !r.status().is_success() {
+        return prices;
+    }
+    let v: Json = r.json().await.unwrap_or_default();
+    for m in v["data"].as_array().into_iter().flatten() {
+        let info = &m["model_info"];
+        let per_mtok = |k: &str| info[k].as_f64().filter(|p| p.is_finite() && *p >= 0.0);
+        if let (Some(name), Some(i), Some(o)) = (
+            m["model_name"].as_str(),
+            per_mtok("input_cost_per_token"),
+            per_mtok("output_cost_per_token"),
+        ) {
+            prices.insert(name.to_string(), crate::llm::Price::new(i * 1e6, o * 1e6));
+        }
+    }
+    prices
+}
+
 /// Up to five of `ids` closest to `model` (by edit distance; ties in the server's order).
 pub(crate) fn closest_models<'a>(ids: &'a [String], model: &str) -> Vec<&'a String> {
     let mut close: Vec<(usize, usize, &String)> = ids

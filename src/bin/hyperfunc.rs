@@ -118,6 +118,20 @@ enum Command {
         #[arg(long)]
         save: Option<std::path::PathBuf>,
     },
+    /// The web page of a run store: the runs, live curves, live controls and the analytics
+    /// chat (the chat when OPENAI_BASE_URL or OPENAI_API_KEY is set).
+    #[cfg(feature = "ui")]
+    Ui {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to listen; an address other machines can reach needs a token.
+        #[arg(long, default_value = "127.0.0.1:8765")]
+        addr: std::net::SocketAddr,
+        /// The token every request must carry (default: $HYPERFUNC_UI_TOKEN; made up and
+        /// printed when --addr is not a loopback address).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Compares a candidate run with a baseline run on the same data and exits 1 when the
     /// candidate's mean score dropped by more than --max-drop (for CI pipelines).
     Gate {
@@ -940,6 +954,41 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Command::Runs { command, store } => runs_command(&store.open()?, command, &rt)?,
+        #[cfg(feature = "ui")]
+        Command::Ui { store, addr, token } => {
+            use rand::Rng;
+            let token = token
+                .or_else(|| std::env::var("HYPERFUNC_UI_TOKEN").ok())
+                .filter(|t| !t.is_empty())
+                .or_else(|| {
+                    (!addr.ip().is_loopback()).then(|| {
+                        rand::rng()
+                            .sample_iter(rand::distr::Alphanumeric)
+                            .take(32)
+                            .map(char::from)
+                            .collect()
+                    })
+                });
+            let runs = store.open()?;
+            let dir = runs.dir().display().to_string();
+            let mut ui = hyperfunc::ui::Ui::new(runs);
+            if let Some(t) = token {
+                ui = ui.token(t);
+            }
+            #[cfg(feature = "llm")]
+            if ["OPENAI_BASE_URL", "OPENAI_API_KEY"]
+                .iter()
+                .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+            {
+                ui = ui.llm(hyperfunc::llm::LlmConfig::from_env()?);
+            }
+            let server = rt.block_on(ui.bind(addr))?;
+            println!("{}", server.url());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            eprintln!("serving the runs of {dir}; Ctrl-C stops");
+            rt.block_on(server.serve())?;
+        }
         Command::Gate {
             store,
             baseline,

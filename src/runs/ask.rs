@@ -96,6 +96,74 @@ pub struct Estimate {
     pub max_usd: Option<f64>,
 }
 
+/// A model the endpoint serves, for a picker.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelChoice {
+    /// Its id.
+    pub id: String,
+    /// Dollars per million prompt tokens, when known.
+    pub input_per_mtok: Option<f64>,
+    /// Dollars per million completion tokens, when known.
+    pub output_per_mtok: Option<f64>,
+    /// What a typical question (3,000 prompt and 500 completion tokens) costs relative to
+    /// the cheapest priced model (1.0); `None` without a price.
+    pub relative_cost: Option<f64>,
+}
+
+/// The models `config`'s first endpoint serves (`/models`), each with its price (from
+/// `config`, else the endpoint's `/model/info`) and its cost relative to the cheapest.
+pub async fn model_choices(config: &LlmConfig) -> Result<Vec<ModelChoice>> {
+    let ep = config
+        .endpoints
+        .first()
+        .ok_or_else(|| Error::config("llm", "the client has no endpoint"))?;
+    let http = reqwest::Client::new();
+    let timeout = std::time::Duration::from_secs(10);
+    let key = ep.api_key.as_deref();
+    let ids = crate::autotune::endpoint::list_models(&http, &ep.base_url, key, timeout)
+        .await?
+        .ok_or_else(|| {
+            Error::config(
+                "llm",
+                format!("{} has no /models list to choose from", ep.base_url),
+            )
+        })?;
+    let listed = crate::autotune::endpoint::model_prices(&http, &ep.base_url, key, timeout).await;
+    let typical = Usage {
+        input_tokens: 3000,
+        output_tokens: 500,
+        cached_input_tokens: 0,
+        reasoning_tokens: 0,
+    };
+    let mut choices: Vec<(ModelChoice, Option<f64>)> = ids
+        .into_iter()
+        .map(|id| {
+            let price = config
+                .models
+                .get(&id)
+                .and_then(|m| m.price)
+                .or_else(|| listed.get(&id).copied());
+            let cost = price.map(|p| p.cost(&typical));
+            let choice = ModelChoice {
+                input_per_mtok: price.map(|p| p.input_per_mtok),
+                output_per_mtok: price.map(|p| p.output_per_mtok),
+                relative_cost: None,
+                id,
+            };
+            (choice, cost)
+        })
+        .collect();
+    let cheapest = choices
+        .iter()
+        .filter_map(|c| c.1)
+        .filter(|c| *c > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    for (c, cost) in &mut choices {
+        c.relative_cost = cost.filter(|_| cheapest.is_finite()).map(|x| x / cheapest);
+    }
+    Ok(choices.into_iter().map(|c| c.0).collect())
+}
+
 /// A stored answer.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Answer {
@@ -135,7 +203,10 @@ impl Analyst {
     /// Resolves the model (see [`resolve_model`]; the project file is looked for in the
     /// current directory) and checks it against `config`'s first endpoint's `/models` when it
     /// has one.
-    pub async fn new(store: &RunStore, config: LlmConfig, model: Option<&str>) -> Result<Self> {
+    ///
+    /// A model with no price in `config` takes the one the endpoint lists at `/model/info`
+    /// (LiteLLM does), so that the estimate and the recorded cost are in dollars.
+    pub async fn new(store: &RunStore, mut config: LlmConfig, model: Option<&str>) -> Result<Self> {
         let (model, source) = resolve_model(model, Path::new("."))?;
         let ep = config
             .endpoints
@@ -160,6 +231,18 @@ impl Analyst {
                         ids.len()
                     ),
                 ));
+            }
+        }
+        if config.models.get(&model).and_then(|m| m.price).is_none() {
+            let prices = crate::autotune::endpoint::model_prices(
+                &http,
+                &ep.base_url,
+                ep.api_key.as_deref(),
+                std::time::Duration::from_secs(10),
+            )
+            .await;
+            if let Some(p) = prices.get(&model) {
+                config.models.entry(model.clone()).or_default().price = Some(*p);
             }
         }
         let client =

@@ -39,6 +39,11 @@ pub struct RunsBench {
     pub command_latency_ms: f64,
     /// Median ms of `RunStore::diff` on two runs of 10 000 generations each.
     pub diff_ms: f64,
+    /// Median ms from a generation row committed to the store to its arrival on the web
+    /// page's live stream (`hyperfunc ui`, default poll 200 ms); rows reach the store at
+    /// least every 250 ms, so a generation shows within their sum. `None` without the `ui`
+    /// feature.
+    pub ui_stream_ms: Option<f64>,
 }
 
 /// Runs the run-store benchmark in a temporary directory.
@@ -174,6 +179,10 @@ pub async fn bench(quick: bool) -> Result<RunsBench> {
         let _ = handle.await;
     }
     let command_latency_ms = median(&lat);
+    #[cfg(feature = "ui")]
+    let ui_stream_ms = Some(ui_stream_ms(&store, &conn, insert, reps).await?);
+    #[cfg(not(feature = "ui"))]
+    let ui_stream_ms = None;
     drop(conn);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(RunsBench {
@@ -188,5 +197,61 @@ pub async fn bench(quick: bool) -> Result<RunsBench> {
         control_share: poll_us / 1e3 / generation_ms,
         command_latency_ms,
         diff_ms,
+        ui_stream_ms,
     })
+}
+
+/// Row committed → row received on `/api/runs/{id}/stream`, read as a browser would (plain
+/// HTTP/1.1 on a socket).
+#[cfg(feature = "ui")]
+async fn ui_stream_ms(
+    store: &RunStore,
+    conn: &rusqlite::Connection,
+    insert: &str,
+    reps: usize,
+) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| crate::Error::config("ui", format!("the stream benchmark: {e}"));
+    let run = store.create("ui", &crate::Es::default())?;
+    let server = crate::ui::Ui::new(store.clone())
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await?;
+    let addr = server.local_addr();
+    let serving = tokio::spawn(server.serve());
+    let mut sock = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+    let head = format!(
+        "GET /api/runs/{}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
+        run.0
+    );
+    sock.write_all(head.as_bytes()).await.map_err(io)?;
+    let mut seen = String::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read_until = async |sock: &mut tokio::net::TcpStream, pat: &str| -> Result<()> {
+        while !seen.contains(pat) {
+            let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+                .await
+                .map_err(|_| {
+                    crate::Error::config("ui", format!("no `{pat}` on the stream in 10 s"))
+                })?
+                .map_err(io)?;
+            if n == 0 {
+                return Err(crate::Error::config("ui", "the stream closed"));
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen.clear();
+        Ok(())
+    };
+    // The first update (status) comes at once; then one row at a time.
+    read_until(&mut sock, "event: update").await?;
+    let mut lat = Vec::new();
+    for g in 0..reps.max(5) {
+        let t0 = Instant::now();
+        conn.execute(insert, params![run.0, g as i64, 1.0, 1.0, 64, g as f64])
+            .map_err(|e| store.err(e))?;
+        read_until(&mut sock, &format!("\"gen\":{g},")).await?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    serving.abort();
+    Ok(median(&lat))
 }

@@ -221,6 +221,19 @@ impl Action {
         true
     }
 
+    /// The command as a control file writes it: `{"action": "set", "values": {"lr": 0.05}}`,
+    /// `{"action": "clear", "names": ["lr"]}`, `{"action": "pause"}`… (what
+    /// [`Control::send_json`] reads).
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::json!({ "action": self.name() });
+        match self {
+            Action::Set(m) => v["values"] = Value::Object(m.clone()),
+            Action::Clear(k) => v["names"] = serde_json::json!(k),
+            _ => {}
+        }
+        v
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Action::Set(_) => "set",
@@ -537,10 +550,36 @@ impl RunStore {
 
     /// Every generation row of a run, in order.
     pub fn generations(&self, run: RunId) -> Result<Vec<GenRow>> {
+        self.generations_from(run, 0)
+    }
+
+    /// The generation rows of a run from generation `from` on, in order (what a live view
+    /// polls for).
+    pub fn generations_from(&self, run: RunId, from: usize) -> Result<Vec<GenRow>> {
+        self.generations_thinned(run, from, usize::MAX)
+    }
+
+    /// At most `max_rows` (+ 1) of the generation rows from `from` on, evenly spaced, the last
+    /// one always included: a curve's worth of a long run.
+    pub fn generations_thinned(
+        &self,
+        run: RunId,
+        from: usize,
+        max_rows: usize,
+    ) -> Result<Vec<GenRow>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
+        let (n, last): (i64, Option<i64>) = conn
+            .query_row(
+                "SELECT COUNT(*), MAX(gen) FROM generations WHERE run = ?1 AND gen >= ?2",
+                [run.0, from as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        let step = (n as usize).div_ceil(max_rows.max(1)).max(1) as i64;
         let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds
-                 FROM generations WHERE run = ?1 ORDER BY gen", [run.0], |r| {
+                 FROM generations WHERE run = ?1 AND gen >= ?2 AND ((gen - ?2) % ?3 = 0 OR gen = ?4)
+                 ORDER BY gen", [run.0, from as i64, step, last.unwrap_or(-1)], |r| {
                 let f = |i| r.get::<_, Option<f64>>(i).map(|v| v.unwrap_or(f64::NAN));
                 Ok(GenRow {
                     gen: r.get::<_, i64>(0)? as usize,
@@ -561,12 +600,17 @@ impl RunStore {
 
     /// A run's event log, oldest first.
     pub fn events(&self, run: RunId) -> Result<Vec<Event>> {
+        self.events_after(run, 0)
+    }
+
+    /// A run's events whose id is greater than `after`, oldest first.
+    pub fn events_after(&self, run: RunId, after: i64) -> Result<Vec<Event>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
         let rows = self.rows(
             &conn,
-            "SELECT id, gen, at, kind, message FROM events WHERE run = ?1 ORDER BY id",
-            [run.0],
+            "SELECT id, gen, at, kind, message FROM events WHERE run = ?1 AND id > ?2 ORDER BY id",
+            [run.0, after],
             |r| {
                 Ok(Event {
                     id: r.get(0)?,

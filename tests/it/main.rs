@@ -31,3 +31,5 @@ mod tune;
 mod tune_cost;
 #[cfg(feature = "llm")]
 mod tune_judge;
+#[cfg(all(feature = "ui", feature = "llm"))]
+mod ui;

@@ -980,3 +980,29 @@ async fn examples_per_eval_is_reproducible_and_settable_live() {
         .unwrap();
     assert!(replay.theta.bit_eq(&r.theta).unwrap());
 }
+
+#[tokio::test]
+async fn long_histories_come_thinned_evenly_with_the_last_row() {
+    let (dir, store, es, run) = xor_run("thin", 250);
+    es.run(run)
+        .optimize(&xor_net(None), &xor_data(), &metric::bce())
+        .await
+        .unwrap();
+    let all = store.generations(run).unwrap();
+    assert_eq!(all.len(), 250);
+    let thin = store.generations_thinned(run, 0, 100).unwrap();
+    assert!(thin.len() <= 101, "{} rows", thin.len());
+    assert_eq!((thin[0].gen, thin.last().unwrap().gen), (0, 249));
+    let gaps: Vec<usize> = thin.windows(2).map(|w| w[1].gen - w[0].gen).collect();
+    let even = &gaps[..gaps.len() - 1];
+    assert!(even.iter().all(|g| *g == 3), "{gaps:?}");
+    for r in &thin {
+        assert_eq!(r, &all[r.gen]);
+    }
+    assert_eq!(
+        store.generations_thinned(run, 200, 1000).unwrap(),
+        all[200..]
+    );
+    assert_eq!(store.generations_from(run, 240).unwrap(), all[240..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
