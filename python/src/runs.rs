@@ -46,7 +46,7 @@ impl PyRunStore {
     }
 
     /// One dict per generation (gen, best, mean, std, sigma, lr, pop_size, evals, failed,
-    /// evals_per_sec, seconds).
+    /// evals_per_sec, seconds, tokens, usd — the last two None without an LLM client).
     fn generations<'py>(&self, py: Python<'py>, run: i64) -> PyResult<Bound<'py, PyAny>> {
         py_of(py, &self.0.generations(RunId(run)).map_err(to_py)?)
     }

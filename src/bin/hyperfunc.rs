@@ -289,7 +289,7 @@ enum RunsCommand {
         /// Output file (`.svg` or `.png`).
         #[arg(long, short)]
         out: std::path::PathBuf,
-        /// The x axis: `gen`, `evals` or `seconds`.
+        /// The x axis: `gen`, `evals`, `seconds` or `usd` (LLM dollars, from `Es::llm_client`).
         #[arg(long, default_value = "gen")]
         x: String,
     },

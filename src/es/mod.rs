@@ -241,6 +241,8 @@ pub struct Es {
     init: Option<Theta>,
     hub: Option<Hub>,
     stops: Vec<StopSignal>,
+    #[cfg(feature = "llm")]
+    llm_clients: Vec<crate::llm::LlmClient>,
     store: Option<crate::runs::RunStore>,
     run: Option<crate::runs::RunId>,
     run_name: Option<String>,
@@ -278,6 +280,8 @@ impl Default for Es {
             init: None,
             hub: None,
             stops: Vec::new(),
+            #[cfg(feature = "llm")]
+            llm_clients: Vec::new(),
             store: None,
             run: None,
             run_name: None,
@@ -389,6 +393,24 @@ impl Es {
     pub fn stop_on(mut self, signal: StopSignal) -> Self {
         self.stops.push(signal);
         self
+    }
+
+    /// Follows an LLM client the system calls: the run stops cleanly when its budget is spent
+    /// (as [`Es::stop_on`] with its [`stop_signal`](crate::llm::LlmClient::stop_signal)), and
+    /// with a run store each generation row carries the tokens and dollars spent so far
+    /// (`hyperfunc runs plot --x usd`), with an alert once 90% of a budget is spent. May be
+    /// given several times.
+    #[cfg(feature = "llm")]
+    pub fn llm_client(mut self, client: &crate::llm::LlmClient) -> Self {
+        self.stops.push(client.stop_signal());
+        self.llm_clients.push(client.clone());
+        self
+    }
+
+    /// The clients given to [`Es::llm_client`].
+    #[cfg(feature = "llm")]
+    pub(crate) fn llm_clients(&self) -> &[crate::llm::LlmClient] {
+        &self.llm_clients
     }
 
     fn raised(&self) -> Option<String> {
@@ -623,6 +645,9 @@ impl Es {
             }
             (None, None) => (None, None),
         };
+        if let Some(r) = rec.as_mut() {
+            r.start_usage();
+        }
         let result = self
             .drive(sys, examples, metric, &mut run, rec.as_mut(), restored)
             .await;

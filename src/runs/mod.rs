@@ -171,6 +171,13 @@ pub struct GenRow {
     pub evals_per_sec: f64,
     /// Wall seconds since the run started (across resumes).
     pub seconds: f64,
+    /// LLM tokens (prompt + completion) spent so far, this generation included, by the clients
+    /// given to [`Es::llm_client`](crate::Es::llm_client) (across resumes); `None` without one.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// Dollars spent so far by those clients (at their configured prices); `None` without one.
+    #[serde(default)]
+    pub usd: Option<f64>,
 }
 
 /// One entry of a run's event log.
@@ -342,7 +349,7 @@ CREATE TABLE IF NOT EXISTS runs(
 CREATE TABLE IF NOT EXISTS generations(
   run INTEGER NOT NULL, gen INTEGER NOT NULL, best REAL, mean REAL, std REAL,
   sigma REAL NOT NULL, lr REAL NOT NULL, pop_size INTEGER NOT NULL, evals INTEGER NOT NULL,
-  failed INTEGER NOT NULL, evals_per_sec REAL, seconds REAL NOT NULL,
+  failed INTEGER NOT NULL, evals_per_sec REAL, seconds REAL NOT NULL, tokens INTEGER, usd REAL,
   PRIMARY KEY(run, gen)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events(
   id INTEGER PRIMARY KEY, run INTEGER NOT NULL, gen INTEGER, at REAL NOT NULL,
@@ -391,7 +398,18 @@ impl RunStore {
             db: dir.join("runs.sqlite"),
             dir,
         };
-        store.conn()?;
+        let conn = store.conn()?;
+        // Stores written before generation rows had LLM usage gain the two columns.
+        let has_usage = conn
+            .prepare("SELECT 1 FROM pragma_table_info('generations') WHERE name = 'usd'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(|e| store.err(e))?;
+        if !has_usage {
+            conn.execute_batch(
+                "ALTER TABLE generations ADD COLUMN tokens INTEGER; ALTER TABLE generations ADD COLUMN usd REAL;",
+            )
+            .map_err(|e| store.err(e))?;
+        }
         Ok(store)
     }
 
@@ -577,7 +595,7 @@ impl RunStore {
             )
             .map_err(|e| self.err(e))?;
         let step = (n as usize).div_ceil(max_rows.max(1)).max(1) as i64;
-        let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds
+        let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds, tokens, usd
                  FROM generations WHERE run = ?1 AND gen >= ?2 AND ((gen - ?2) % ?3 = 0 OR gen = ?4)
                  ORDER BY gen", [run.0, from as i64, step, last.unwrap_or(-1)], |r| {
                 let f = |i| r.get::<_, Option<f64>>(i).map(|v| v.unwrap_or(f64::NAN));
@@ -593,6 +611,8 @@ impl RunStore {
                     failed: r.get::<_, i64>(8)? as usize,
                     evals_per_sec: f(9)?,
                     seconds: r.get(10)?,
+                    tokens: r.get::<_, Option<i64>>(11)?.map(|t| t as u64),
+                    usd: r.get(12)?,
                 })
             })?;
         Ok(rows)
@@ -1043,8 +1063,8 @@ impl Control {
     }
 }
 
-/// Draws the curves of `runs` (best and mean fitness, σ, lr) against `x` (`gen`, `evals` or
-/// `seconds`) with a marker where a command applied or the run resumed; SVG or PNG by the
+/// Draws the curves of `runs` (best and mean fitness, σ, lr) against `x` (`gen`, `evals`,
+/// `seconds` or `usd`, the dollars of [`Es::llm_client`](crate::Es::llm_client)'s clients) with a marker where a command applied or the run resumed; SVG or PNG by the
 /// extension of `out`.
 #[cfg(feature = "plot")]
 pub fn plot(store: &RunStore, runs: &[RunId], x: &str, out: &Path) -> Result<()> {
@@ -1053,10 +1073,11 @@ pub fn plot(store: &RunStore, runs: &[RunId], x: &str, out: &Path) -> Result<()>
         "gen" => |r| r.gen as f64,
         "evals" => |r| r.evals as f64,
         "seconds" => |r| r.seconds,
+        "usd" => |r| r.usd.unwrap_or(f64::NAN),
         other => {
             return Err(Error::config(
                 "x",
-                format!("`{other}`: the x axis is gen, evals or seconds"),
+                format!("`{other}`: the x axis is gen, evals, seconds or usd"),
             ))
         }
     };
@@ -1082,9 +1103,19 @@ pub fn plot(store: &RunStore, runs: &[RunId], x: &str, out: &Path) -> Result<()>
     ];
     for &run in runs {
         let rows = store.generations(run)?;
+        if x == "usd" && rows.iter().all(|r| r.usd.is_none()) {
+            return Err(Error::config(
+                "x",
+                format!("run {run} recorded no LLM dollars (give its Es the client with Es::llm_client)"),
+            ));
+        }
         let series = |f: fn(&GenRow) -> f64, what: &str| Series {
             label: format!("run {run} {what}"),
-            points: rows.iter().map(|r| (pick(r), f(r))).collect(),
+            points: rows
+                .iter()
+                .filter(|r| pick(r).is_finite())
+                .map(|r| (pick(r), f(r)))
+                .collect(),
         };
         panels[0].series.push(series(|r| r.best, "best"));
         panels[0].series.push(series(|r| r.mean, "mean"));
@@ -1121,6 +1152,7 @@ pub fn plot(store: &RunStore, runs: &[RunId], x: &str, out: &Path) -> Result<()>
         match x {
             "gen" => "generation",
             "evals" => "evaluations",
+            "usd" => "dollars (LLM)",
             _ => "seconds",
         },
         &panels,

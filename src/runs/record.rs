@@ -72,6 +72,12 @@ pub(crate) struct Recorder {
     last_mean: f64,
     snapshot: bool,
     pub seconds_offset: f64,
+    /// LLM tokens and dollars of earlier sessions of the run (the last kept row's).
+    usage_offset: (u64, f64),
+    /// The clients' counters when this session started.
+    usage_base: (u64, f64),
+    #[cfg(feature = "llm")]
+    clients: Vec<crate::llm::LlmClient>,
     evals: u64,
     alerted: HashSet<&'static str>,
     watcher: Option<Watcher>,
@@ -208,6 +214,10 @@ impl Recorder {
             last_mean: f64::NAN,
             snapshot: false,
             seconds_offset: 0.0,
+            usage_offset: (0, 0.0),
+            usage_base: (0, 0.0),
+            #[cfg(feature = "llm")]
+            clients: es.llm_clients().to_vec(),
             evals: 0,
             alerted: HashSet::new(),
             watcher: None,
@@ -293,6 +303,9 @@ impl Recorder {
         tx.commit().map_err(|e| self.store.err(e))?;
         let rows = self.store.generations(self.run)?;
         self.evals = rows.last().map_or(0, |r| r.evals);
+        self.usage_offset = rows
+            .last()
+            .map_or((0, 0.0), |r| (r.tokens.unwrap_or(0), r.usd.unwrap_or(0.0)));
         let history: Vec<GenerationStats> = rows.iter().map(gen_row_stats).collect();
         let mut restored = Restored {
             history,
@@ -520,6 +533,75 @@ impl Recorder {
         Ok(flow)
     }
 
+    /// Tokens and dollars the clients have counted so far (this process).
+    #[cfg(feature = "llm")]
+    fn client_usage(&self) -> Option<(u64, f64)> {
+        if self.clients.is_empty() {
+            return None;
+        }
+        Some(self.clients.iter().fold((0, 0.0), |(t, d), c| {
+            let s = c.stats().total;
+            (t + s.input_tokens + s.output_tokens, d + s.cost_usd)
+        }))
+    }
+
+    #[cfg(not(feature = "llm"))]
+    fn client_usage(&self) -> Option<(u64, f64)> {
+        None
+    }
+
+    /// Takes the clients' counters as this session's zero.
+    pub(crate) fn start_usage(&mut self) {
+        self.usage_base = self.client_usage().unwrap_or((0, 0.0));
+    }
+
+    /// Puts the run's LLM usage so far into the newest row (then the budget alert).
+    fn count_usage(&mut self, g: usize) -> Result<()> {
+        let Some((tokens, usd)) = self.client_usage() else {
+            return Ok(());
+        };
+        let (t0, d0) = self.usage_base;
+        let (to, dof) = self.usage_offset;
+        if let Some(row) = self.rows.last_mut() {
+            row.tokens = Some(to + tokens.saturating_sub(t0));
+            row.usd = Some(dof + (usd - d0).max(0.0));
+        }
+        self.budget_alert(g)
+    }
+
+    /// Alerts once when a client's budget is 90% spent.
+    #[cfg(feature = "llm")]
+    fn budget_alert(&mut self, g: usize) -> Result<()> {
+        let nearly = self.clients.iter().find_map(|c| {
+            let b = c.config().budget;
+            let s = c.stats().total;
+            match (b.max_cost_usd, b.max_requests) {
+                (Some(max), _) if s.cost_usd >= 0.9 * max => {
+                    Some(format!("${:.4} of the ${max:.4} budget", s.cost_usd))
+                }
+                (_, Some(max)) if s.requests as f64 >= 0.9 * max as f64 => {
+                    Some(format!("{} of the {max} requests budget", s.requests))
+                }
+                _ => None,
+            }
+        });
+        if let Some(what) = nearly {
+            self.alert(
+                "budget",
+                g,
+                &format!(
+                    "gen {g}: LLM budget nearly spent: {what} (the run stops when it is spent)"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "llm"))]
+    fn budget_alert(&mut self, _g: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// After a generation was told: its row (buffered), alerts, a checkpoint when due.
     pub(crate) fn generation(
         &mut self,
@@ -547,7 +629,10 @@ impl Recorder {
             failed: stats.failed,
             evals_per_sec: stats.evals_per_sec,
             seconds: stats.seconds + self.seconds_offset,
+            tokens: None,
+            usd: None,
         });
+        self.count_usage(stats.generation)?;
         self.last_mean = f64::from(stats.mean);
         if best.as_ref().map(|b| b.generation) != self.best.as_ref().map(|b| b.generation) {
             self.best = best.clone();
@@ -794,8 +879,8 @@ fn flush(
     }
     {
         let mut st = tx.prepare_cached(
-            "INSERT OR REPLACE INTO generations(run, gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT OR REPLACE INTO generations(run, gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds, tokens, usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         let fin = |x: f64| x.is_finite().then_some(x);
         for r in rows.iter() {
@@ -811,7 +896,9 @@ fn flush(
                 r.evals as i64,
                 r.failed as i64,
                 fin(r.evals_per_sec),
-                r.seconds
+                r.seconds,
+                r.tokens.map(|t| t as i64),
+                r.usd
             ])?;
         }
     }

@@ -485,6 +485,83 @@ async fn a_spent_dollar_budget_stops_optimisation_cleanly() {
 }
 
 #[tokio::test]
+async fn run_rows_carry_llm_tokens_and_dollars_and_warn_before_the_budget_stops_it() {
+    let dir = std::env::temp_dir().join(format!("hf-llm-usage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = hyperfunc::runs::RunStore::open(&dir).unwrap();
+    let mut cfg = config("sk-hf-free", |_| {});
+    cfg.no_cache = true; // every candidate's call is paid for
+    let ex = Examples::json(vec![json!("hi")], vec![json!("")]).unwrap();
+    let m = metric::per_example(|_, _| 1.0);
+    let es = Es::default()
+        .pop_size(4)
+        .generations(3)
+        .progress(false)
+        .store(store.clone());
+
+    let c = LlmClient::new(cfg.clone()).unwrap();
+    let sys = Chain::new(vec![HyperFn::llm("greet", &c, "mock-gpt")]);
+    let report = es
+        .clone()
+        .llm_client(&c)
+        .optimize(&sys, &ex, &m)
+        .await
+        .unwrap();
+    let rows = store.generations(report.run.unwrap()).unwrap();
+    assert_eq!(rows.len(), 3);
+    // Each generation pays for its four calls; the client's total also has the final
+    // evaluation of θ, after the last row.
+    let total = c.stats().total;
+    let last = rows.last().unwrap();
+    let (tokens, usd) = (last.tokens.unwrap(), last.usd.unwrap());
+    let per_gen_tokens = rows[0].tokens.unwrap();
+    assert!(per_gen_tokens > 0);
+    assert_eq!(tokens, 3 * per_gen_tokens, "{rows:#?}");
+    let after = total.input_tokens + total.output_tokens - tokens;
+    assert!(
+        after > 0 && after < per_gen_tokens,
+        "{after} tokens after the last row"
+    );
+    assert!(
+        usd > 0.0 && usd < total.cost_usd,
+        "{usd} of {}",
+        total.cost_usd
+    );
+
+    // A budget of ten generations' worth: an alert once 90% is spent, then the stop.
+    let per_gen = usd / 3.0;
+    let c = LlmClient::new(cfg.budget(Budget {
+        max_cost_usd: Some(per_gen * 10.0),
+        max_requests: None,
+    }))
+    .unwrap();
+    let sys = Chain::new(vec![HyperFn::llm("greet", &c, "mock-gpt")]);
+    let report = es
+        .clone()
+        .generations(100)
+        .llm_client(&c)
+        .optimize(&sys, &ex, &m)
+        .await
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Signal);
+    let run = report.run.unwrap();
+    let events = store.events(run).unwrap();
+    let alert = events
+        .iter()
+        .find(|e| e.message.contains("budget nearly spent"))
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    let kept = store.generations(run).unwrap();
+    assert!(
+        alert.gen.unwrap() < kept.len(),
+        "{alert:?}, {} rows",
+        kept.len()
+    );
+    assert!((9..=12).contains(&kept.len()), "{} rows", kept.len());
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn optimize_tunes_lm_params_through_an_llm_hyperfunction() {
     // A scripted model whose answer is a score of the sampling knobs (best at t=0.2, top_p=0.9).
     let seen = Arc::new(Mutex::new(Vec::<f64>::new()));

@@ -740,7 +740,14 @@ fn cli_controls_lists_diffs_and_plots() {
             ],
             &[],
         );
-        assert!(err.contains("gen, evals or seconds"), "{err}");
+        assert!(err.contains("gen, evals, seconds or usd"), "{err}");
+        let err = cli_err(
+            &[
+                "runs", "plot", "1", "--out", "x.svg", "--x", "usd", "--store", d,
+            ],
+            &[],
+        );
+        assert!(err.contains("recorded no LLM dollars"), "{err}");
     }
 }
 
@@ -990,6 +997,8 @@ async fn long_histories_come_thinned_evenly_with_the_last_row() {
         .unwrap();
     let all = store.generations(run).unwrap();
     assert_eq!(all.len(), 250);
+    // No LLM client given to the run: no usage in its rows.
+    assert!(all.iter().all(|r| r.tokens.is_none() && r.usd.is_none()));
     let thin = store.generations_thinned(run, 0, 100).unwrap();
     assert!(thin.len() <= 101, "{} rows", thin.len());
     assert_eq!((thin[0].gen, thin.last().unwrap().gen), (0, 249));

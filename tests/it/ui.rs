@@ -42,6 +42,11 @@ async fn serve(ui: Ui) -> (String, hyperfunc::ui::Running) {
     (running.url().to_string(), running)
 }
 
+/// `GET url` as JSON.
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Polls `cond` until it holds (bounded): the page and the run are other processes' state.
 async fn wait_until<F, Fut>(what: &str, mut cond: F)
 where
@@ -532,26 +537,12 @@ async fn other_addresses_need_a_token_and_requests_carry_it() {
     );
     let r = http.get(format!("{url}api/runs/999")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
-    let detail: Value = http
-        .get(format!("{url}api/runs/{run}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail = get_json(&http, &format!("{url}api/runs/{run}")).await;
     assert_eq!(
         detail["commands"][0]["action"],
         json!({"action": "set", "values": {"lr": 0.05}})
     );
-    let settings: Value = http
-        .get(format!("{url}api/settings"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let settings = get_json(&http, &format!("{url}api/settings")).await;
     let seed = settings
         .as_array()
         .unwrap()
@@ -659,14 +650,7 @@ async fn the_chat_lists_models_with_relative_cost_and_answers() {
     let cfg = LlmConfig::new(&url).api_key("sk-hf-free");
     let (base, server) = serve(Ui::new(store.clone()).llm(cfg)).await;
     let http = reqwest::Client::new();
-    let models: Value = http
-        .get(format!("{base}api/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&http, &format!("{base}api/models")).await;
     let find = |id: &str| {
         models["models"]
             .as_array()
