@@ -764,6 +764,12 @@ impl LlmClient {
         s
     }
 
+    /// The counters over every call (what [`LlmClient::stats`] gives as `total`, without
+    /// copying the per-model, per-label and endpoint tables).
+    pub fn total(&self) -> CallStats {
+        self.acc().stats.total.clone()
+    }
+
     /// Entries in the response cache (0 without a cache).
     pub fn cache_len(&self) -> Result<u64, LlmError> {
         self.0.cache.as_ref().map_or(Ok(0), Cache::len)

@@ -587,14 +587,19 @@ impl RunStore {
     ) -> Result<Vec<GenRow>> {
         let conn = self.conn()?;
         self.info_with(&conn, run)?;
-        let (n, last): (i64, Option<i64>) = conn
-            .query_row(
-                "SELECT COUNT(*), MAX(gen) FROM generations WHERE run = ?1 AND gen >= ?2",
-                [run.0, from as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(|e| self.err(e))?;
-        let step = (n as usize).div_ceil(max_rows.max(1)).max(1) as i64;
+        // Every row (`generations`, `generations_from`): no need to count them first.
+        let (step, last) = if max_rows == usize::MAX {
+            (1, None)
+        } else {
+            let (n, last): (i64, Option<i64>) = conn
+                .query_row(
+                    "SELECT COUNT(*), MAX(gen) FROM generations WHERE run = ?1 AND gen >= ?2",
+                    [run.0, from as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(|e| self.err(e))?;
+            ((n as usize).div_ceil(max_rows.max(1)).max(1) as i64, last)
+        };
         let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds, tokens, usd
                  FROM generations WHERE run = ?1 AND gen >= ?2 AND ((gen - ?2) % ?3 = 0 OR gen = ?4)
                  ORDER BY gen", [run.0, from as i64, step, last.unwrap_or(-1)], |r| {

@@ -540,7 +540,7 @@ impl Recorder {
             return None;
         }
         Some(self.clients.iter().fold((0, 0.0), |(t, d), c| {
-            let s = c.stats().total;
+            let s = c.total();
             (t + s.input_tokens + s.output_tokens, d + s.cost_usd)
         }))
     }
@@ -574,7 +574,10 @@ impl Recorder {
     fn budget_alert(&mut self, g: usize) -> Result<()> {
         let nearly = self.clients.iter().find_map(|c| {
             let b = c.config().budget;
-            let s = c.stats().total;
+            if b.max_cost_usd.is_none() && b.max_requests.is_none() {
+                return None;
+            }
+            let s = c.total();
             match (b.max_cost_usd, b.max_requests) {
                 (Some(max), _) if s.cost_usd >= 0.9 * max => {
                     Some(format!("${:.4} of the ${max:.4} budget", s.cost_usd))
