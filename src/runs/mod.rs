@@ -601,7 +601,7 @@ impl RunStore {
             ((n as usize).div_ceil(max_rows.max(1)).max(1) as i64, last)
         };
         let rows = self.rows(&conn, "SELECT gen, best, mean, std, sigma, lr, pop_size, evals, failed, evals_per_sec, seconds, tokens, usd
-                 FROM generations WHERE run = ?1 AND gen >= ?2 AND ((gen - ?2) % ?3 = 0 OR gen = ?4)
+                 FROM generations WHERE run = ?1 AND gen >= ?2 AND ((gen - ?2) % ?3 = 0 OR gen = ?4) AND (?4 < 0 OR gen <= ?4)
                  ORDER BY gen", [run.0, from as i64, step, last.unwrap_or(-1)], |r| {
                 let f = |i| r.get::<_, Option<f64>>(i).map(|v| v.unwrap_or(f64::NAN));
                 Ok(GenRow {

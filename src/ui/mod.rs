@@ -422,9 +422,11 @@ struct Cursor {
 impl Cursor {
     /// What changed since the last update, if anything.
     fn poll(&mut self, store: &RunStore, run: RunId) -> Result<Option<Value>> {
+        // The status first: a run writes its last rows before it ends, so an update that
+        // says the run ended also carries its last rows.
+        let info = store.info(run)?;
         let gens = store.generations_thinned(run, self.next_gen, MAX_ROWS)?;
         let events = store.events_after(run, self.last_event)?;
-        let info = store.info(run)?;
         let status = json!({
             "status": info.status, "stop": info.stop, "generation": info.generation, "best": info.best,
         });
