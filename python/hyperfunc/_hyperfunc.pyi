@@ -183,6 +183,9 @@ def optimize(
     run_name: Optional[str] = None,
     checkpoint_every: Optional[int] = None,
     examples_per_eval: Optional[int] = None,
+    llm_clients: Optional[Sequence["LlmClient"]] = None,
+    max_cost_usd: Optional[float] = None,
+    max_tokens: Optional[int] = None,
 ) -> Report: ...
 def set_threads(n: int) -> None: ...
 

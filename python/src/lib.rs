@@ -1567,7 +1567,8 @@ impl PyReport {
     minimize=false, antithetic=true, patience=None, target=None, weight_decay=0.0,
     optimizer="adam", momentum=0.9, max_batch_size=262_144, max_failure_rate=1.0,
     progress=true, init=None, hub=None, store=None, run=None, run_name=None,
-    checkpoint_every=None, examples_per_eval=None
+    checkpoint_every=None, examples_per_eval=None, llm_clients=None, max_cost_usd=None,
+    max_tokens=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -1597,6 +1598,9 @@ fn optimize(
     run_name: Option<String>,
     checkpoint_every: Option<usize>,
     examples_per_eval: Option<usize>,
+    llm_clients: Option<Vec<PyLlm>>,
+    max_cost_usd: Option<f64>,
+    max_tokens: Option<u64>,
 ) -> PyResult<PyReport> {
     let (sys, m) = (self::system(system)?, Shared(metric_of(metric)?));
     let mut es = Es::default()
@@ -1636,6 +1640,15 @@ fn optimize(
     }
     if let Some(n) = examples_per_eval {
         es = es.examples_per_eval(n);
+    }
+    for c in llm_clients.iter().flatten() {
+        es = es.llm_client(&c.0);
+    }
+    if let Some(usd) = max_cost_usd {
+        es = es.max_cost_usd(usd);
+    }
+    if let Some(t) = max_tokens {
+        es = es.max_tokens(t);
     }
     if let Some(h) = hub {
         es = es.hub(h.0);

@@ -120,3 +120,22 @@ def test_prompt_learning_from_python_keeps_only_the_better_instruction(scripted_
     assert "MAGIC" in learned.prompts()["qa"]
     assert hf.evaluate(sys_, learned, data, scorer) == 1.0
     assert "WORSE" in Scripted.metas[1]
+
+
+def test_a_run_token_budget_stops_optimize_and_is_a_live_setting(tmp_path):
+    client = hf.LlmClient(litellm_url(), "sk-hf-free", cache=False)
+    sys_ = hf.Chain([hf.llm("greeter", client, "mock-gpt", "Greet.")])
+    data = hf.examples([hf.Example("hi", "hello from the mock")])
+    store = hf.RunStore(str(tmp_path))
+    kw = dict(pop_size=4, progress=False, llm_clients=[client], store=str(tmp_path))
+    probe = hf.optimize(sys_, data, hf.Scorer.exact_match(), generations=1, **kw)
+    per_gen = store.generations(probe.run)[0]["tokens"]
+    assert per_gen > 0
+    r = hf.optimize(sys_, data, hf.Scorer.exact_match(), generations=50,
+                    max_tokens=3 * per_gen, **kw)
+    assert r.stop == "budget" and len(r.history) == 3
+    assert store.generations(r.run)[-1]["tokens"] == 3 * per_gen
+    assert store.effective_config(r.run)["max_tokens"] == 3 * per_gen
+    with pytest.raises(hf.ConfigError, match="Es::llm_client"):
+        hf.optimize(sys_, data, hf.Scorer.exact_match(), generations=2, progress=False,
+                    max_tokens=10)

@@ -67,7 +67,11 @@ pub enum StopReason {
     /// A control command stopped it (`stop`, or `stop --now`, which discards the generation in
     /// flight); see `Report::stop_detail` and [`crate::runs`].
     Command,
-    /// A [`StopSignal`] was raised (a spent LLM budget, the user…); see `Report::stop_detail`.
+    /// The run's LLM budget ([`Es::max_cost_usd`], [`Es::max_tokens`]) was spent at a
+    /// generation boundary; see `Report::stop_detail`.
+    Budget,
+    /// A [`StopSignal`] was raised (a spent client budget, the user…); see
+    /// `Report::stop_detail`.
     /// A generation it interrupted with failed candidates is discarded; the final θ is not
     /// re-evaluated.
     Signal,
@@ -234,6 +238,8 @@ pub struct Es {
     antithetic: bool,
     max_batch_size: usize,
     examples_per_eval: Option<usize>,
+    max_cost_usd: Option<f64>,
+    max_tokens: Option<u64>,
     autotune: bool,
     max_failure_rate: f64,
     progress: bool,
@@ -273,6 +279,8 @@ impl Default for Es {
             antithetic: true,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             examples_per_eval: None,
+            max_cost_usd: None,
+            max_tokens: None,
             autotune: true,
             max_failure_rate: 1.0,
             progress: true,
@@ -360,6 +368,31 @@ impl Es {
         self
     }
 
+    /// The run's LLM dollar budget: the dollars the clients given to [`Es::llm_client`] spent
+    /// for this run (across resumes, as the generation rows count them). Checked at every
+    /// generation boundary: the run stops with [`StopReason::Budget`] at the first one where it
+    /// is spent, so the last generation may overshoot it by its own cost; for a limit checked
+    /// before every request, give the client a [`Budget`](crate::llm::Budget). A live setting
+    /// (`hyperfunc runs set RUN max_cost_usd=5`).
+    ///
+    /// # Examples
+    /// ```
+    /// use hyperfunc::Es;
+    /// let es = Es::default().max_cost_usd(2.5).max_tokens(1_000_000);
+    /// assert_eq!(es.run_config().max_cost_usd, Some(2.5));
+    /// ```
+    pub fn max_cost_usd(mut self, usd: f64) -> Self {
+        self.max_cost_usd = Some(usd);
+        self
+    }
+
+    /// The run's LLM token budget (input + output tokens of the clients given to
+    /// [`Es::llm_client`], across resumes), checked like [`Es::max_cost_usd`].
+    pub fn max_tokens(mut self, tokens: u64) -> Self {
+        self.max_tokens = Some(tokens);
+        self
+    }
+
     /// Stops when the best fitness has not improved for `n` generations.
     pub fn patience(mut self, n: usize) -> Self {
         self.patience = Some(n);
@@ -411,6 +444,48 @@ impl Es {
     #[cfg(feature = "llm")]
     pub(crate) fn llm_clients(&self) -> &[crate::llm::LlmClient] {
         &self.llm_clients
+    }
+
+    /// Tokens and dollars the clients given to [`Es::llm_client`] have counted so far.
+    pub(crate) fn llm_usage(&self) -> (u64, f64) {
+        #[cfg(feature = "llm")]
+        {
+            crate::llm::usage_of(&self.llm_clients)
+        }
+        #[cfg(not(feature = "llm"))]
+        {
+            (0, 0.0)
+        }
+    }
+
+    fn follows_llm_clients(&self) -> bool {
+        #[cfg(feature = "llm")]
+        {
+            !self.llm_clients.is_empty()
+        }
+        #[cfg(not(feature = "llm"))]
+        {
+            false
+        }
+    }
+
+    /// Why the run's budget is spent, given the run's `(tokens, dollars)` so far.
+    pub(crate) fn budget_spent(&self, (tokens, usd): (u64, f64)) -> Option<String> {
+        if let Some(max) = self.max_cost_usd.filter(|&m| usd >= m) {
+            return Some(format!(
+                "the run's LLM budget is spent: ${usd:.4} of ${max:.4} (max_cost_usd)"
+            ));
+        }
+        let max = self.max_tokens.filter(|&m| tokens >= m)?;
+        Some(format!(
+            "the run's LLM budget is spent: {tokens} of {max} tokens (max_tokens)"
+        ))
+    }
+
+    /// The run's budgets, `(tokens, dollars)`.
+    #[cfg(feature = "llm")]
+    pub(crate) fn budgets(&self) -> (Option<u64>, Option<f64>) {
+        (self.max_tokens, self.max_cost_usd)
     }
 
     fn raised(&self) -> Option<String> {
@@ -487,6 +562,8 @@ impl Es {
             max_batch_size: self.max_batch_size,
             max_failure_rate: self.max_failure_rate,
             examples_per_eval: self.examples_per_eval,
+            max_cost_usd: self.max_cost_usd,
+            max_tokens: self.max_tokens,
         }
     }
 
@@ -509,6 +586,8 @@ impl Es {
         self.max_batch_size = c.max_batch_size;
         self.max_failure_rate = c.max_failure_rate;
         self.examples_per_eval = c.examples_per_eval;
+        self.max_cost_usd = c.max_cost_usd;
+        self.max_tokens = c.max_tokens;
         self
     }
 
@@ -573,6 +652,12 @@ impl Es {
                 "must be at least 1 (leave it unset to evaluate on every example)",
             ));
         }
+        if let Some(usd) = self.max_cost_usd.filter(|u| !u.is_finite() || *u < 0.0) {
+            return Err(Error::config(
+                "max_cost_usd",
+                format!("must be a finite amount >= 0, got {usd}"),
+            ));
+        }
         if self.update == Update::Compat && self.shaping != Shaping::ZScore {
             return Err(Error::config(
                 "shaping",
@@ -614,6 +699,14 @@ impl Es {
     ) -> Result<Report> {
         if examples.is_empty() {
             return Err(Error::EmptyExamples);
+        }
+        let budgeted = self.max_cost_usd.is_some() || self.max_tokens.is_some();
+        // A replay spends nothing: it stops where the stored run's last checkpoint is.
+        if budgeted && !self.follows_llm_clients() && self.replay.is_none() {
+            return Err(Error::config(
+                "max_cost_usd",
+                "a run budget counts the LLM clients given to Es::llm_client, and none was given: add .llm_client(&client) for each client the system calls",
+            ));
         }
         let mut run = self.start(sys)?;
         let (mut rec, restored) = match (&self.store, self.replay) {
@@ -687,6 +780,10 @@ impl Es {
         let mut tuned = crate::autotune::InUse::default();
         let first = run.generation;
         let mut max_batch_size = run.es.max_batch_size;
+        // The run's LLM spending: what earlier sessions of a resumed run spent, plus what the
+        // clients counted since this one started.
+        let usage_base = self.llm_usage();
+        let usage_offset = rec.as_ref().map_or((0, 0.0), |r| r.usage_offset());
 
         loop {
             if let Some(why) = self.raised() {
@@ -705,6 +802,15 @@ impl Es {
             }
             let g = run.generation;
             if g >= run.es.generations {
+                break;
+            }
+            let (tokens, usd) = self.llm_usage();
+            let spent = (
+                usage_offset.0 + tokens.saturating_sub(usage_base.0),
+                usage_offset.1 + (usd - usage_base.1).max(0.0),
+            );
+            if let Some(why) = run.es.budget_spent(spent).filter(|_| self.replay.is_none()) {
+                (stop, stop_detail) = (StopReason::Budget, Some(why));
                 break;
             }
             let p = run.es.pop_size;
@@ -859,7 +965,10 @@ impl Es {
         }
 
         let theta = run.theta.clone();
-        let final_fitness = if matches!(stop, StopReason::Signal | StopReason::Command) {
+        let final_fitness = if matches!(
+            stop,
+            StopReason::Signal | StopReason::Command | StopReason::Budget
+        ) {
             f32::NAN
         } else {
             let center = Arc::new(Population::center(theta.clone()));
@@ -1047,6 +1156,12 @@ pub struct EsRun {
 impl EsRun {
     pub(crate) fn device(&self) -> &Device {
         &self.es.device
+    }
+
+    /// The settings it runs with now (live values applied).
+    #[cfg(feature = "llm")]
+    pub(crate) fn settings(&self) -> &Es {
+        &self.es
     }
 
     /// Candidates per generation now (a live command may change it).

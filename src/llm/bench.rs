@@ -53,7 +53,7 @@ pub async fn limiter_overhead_ns(calls: u32) -> f64 {
         let t = Instant::now();
         for _ in 0..calls.max(1) {
             let p = l.acquire(100).await;
-            l.on_success(100, Some(120));
+            l.on_success(100, Some(120), p.level());
             drop(p);
         }
         rounds.push(t.elapsed().as_nanos() as f64 / f64::from(calls.max(1)));

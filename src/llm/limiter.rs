@@ -3,9 +3,16 @@
 //! Three gates, in order:
 //! 1. **Block.** After a 429 (for `Retry-After`, else the backoff step) or when a response says no
 //!    requests/tokens remain until a reset, nobody sends until the block ends.
-//! 2. **AIMD window.** At most `window` requests in flight; a 429 halves it (once per block),
-//!    every success adds `1/window` (so a full window of successes adds one), up to
-//!    `max_concurrency`.
+//! 2. **Adaptive window.** At most `window` requests in flight. A 429 (once per block) sets a
+//!    *ceiling* and the window drops to it: one slot below the window when the refused request
+//!    was sent with the window (nearly) full, else the level it was sent at less one, never
+//!    below half the window (AIMD's halving). Below the ceiling every success adds `1/window`
+//!    (a full window of successes adds one slot); at or above it, a quarter of that (a slow
+//!    probe: a server at its capacity sees one refusal per four windows, not one per window).
+//!    A success at a level above the ceiling, of a request sent after it was set, shows the
+//!    server takes more: the ceiling is forgotten. Up to `max_concurrency`. So the window
+//!    settles at a server's concurrency capacity, follows it down one slot per refusal and
+//!    back up when it grows.
 //! 3. **Quotas.** [`governor`] GCRA limiters for the configured requests and tokens per minute;
 //!    a request's token cost is estimated before the call and the estimate's scale is corrected
 //!    from real usage.
@@ -98,6 +105,10 @@ pub(crate) fn parse_duration(v: &str) -> Option<Duration> {
 struct Adaptive {
     blocked_until: Option<Instant>,
     window: f64,
+    /// The highest level the server last took without refusing, if it refused one.
+    ceiling: Option<f64>,
+    /// Refusal events so far (a permit remembers the count it was let in at).
+    events: u64,
     in_flight: usize,
     /// Real tokens / estimated tokens, smoothed.
     token_scale: f64,
@@ -108,11 +119,17 @@ struct Adaptive {
 pub struct LimiterStats {
     /// 429 responses seen (retried, not surfaced unless retries ran out).
     pub throttled: u64,
-    /// Times the AIMD window was halved.
+    /// Times a 429 lowered the window.
     pub decreases: u64,
-    /// Current AIMD window.
+    /// Current window (requests in flight allowed: its floor).
     pub window: f64,
+    /// The level the server last refused, less one; `None` before a refusal or once a
+    /// success above it showed the server takes more.
+    pub ceiling: Option<f64>,
 }
+
+/// Slow probing above the ceiling: one slot per this many windows of successes.
+const PROBE: f64 = 4.0;
 
 pub(crate) struct Limiter {
     max_window: f64,
@@ -124,9 +141,19 @@ pub(crate) struct Limiter {
     notify: Notify,
 }
 
-/// A slot in the AIMD window; frees itself when dropped (cancellation included).
+/// A slot in the window; frees itself when dropped (cancellation included).
 pub(crate) struct Permit {
     limiter: Arc<Limiter>,
+    level: usize,
+    events: u64,
+}
+
+impl Permit {
+    /// Requests in flight when this one was let in, itself included, and the refusal events
+    /// before it.
+    pub fn level(&self) -> (usize, u64) {
+        (self.level, self.events)
+    }
 }
 
 impl Drop for Permit {
@@ -152,6 +179,8 @@ impl Limiter {
             state: Mutex::new(Adaptive {
                 blocked_until: None,
                 window: max_window,
+                ceiling: None,
+                events: 0,
                 in_flight: 0,
                 token_scale: 1.0,
             }),
@@ -167,10 +196,12 @@ impl Limiter {
 
     pub fn stats(&self) -> LimiterStats {
         use std::sync::atomic::Ordering::Relaxed;
+        let s = self.lock();
         LimiterStats {
             throttled: self.throttled.load(Relaxed),
             decreases: self.decreases.load(Relaxed),
-            window: self.lock().window,
+            window: s.window,
+            ceiling: s.ceiling,
         }
     }
 
@@ -182,7 +213,7 @@ impl Limiter {
 
     /// Waits for every gate, then holds a window slot until the permit drops.
     pub async fn acquire(self: &Arc<Self>, est_tokens: u32) -> Permit {
-        loop {
+        let level = loop {
             let notified = self.notify.notified();
             let wait = {
                 let mut s = self.lock();
@@ -195,15 +226,18 @@ impl Limiter {
                         None
                     }
                 }
+                .ok_or((s.in_flight, s.events))
             };
             match wait {
-                None => break,
-                Some(Some(until)) => tokio::time::sleep_until(until).await,
-                Some(None) => notified.await,
+                Err(level) => break level,
+                Ok(Some(until)) => tokio::time::sleep_until(until).await,
+                Ok(None) => notified.await,
             }
-        }
+        };
         let permit = Permit {
             limiter: self.clone(),
+            level: level.0,
+            events: level.1,
         };
         if let Some(l) = &self.rpm {
             l.until_ready().await;
@@ -238,28 +272,51 @@ impl Limiter {
         }
     }
 
-    /// A 2xx response: additive increase, and correct the token estimate's scale.
-    pub fn on_success(&self, est_tokens: u32, real_tokens: Option<u32>) {
+    /// A 2xx response to a request sent at `level`: additive increase (slow at or above the
+    /// ceiling), and correct the token estimate's scale.
+    pub fn on_success(&self, est_tokens: u32, real_tokens: Option<u32>, level: (usize, u64)) {
         let mut s = self.lock();
-        s.window = (s.window + 1.0 / s.window.max(1.0)).min(self.max_window);
+        let (level, events) = level;
+        if events == s.events && s.ceiling.is_some_and(|c| level as f64 > c) {
+            s.ceiling = None;
+        }
+        let step = match s.ceiling {
+            Some(c) if s.window >= c => 1.0 / (PROBE * s.window.max(1.0)),
+            _ => 1.0 / s.window.max(1.0),
+        };
+        s.window = (s.window + step).min(self.max_window);
         if let Some(real) = real_tokens {
             let ratio = f64::from(real.max(1)) / f64::from(est_tokens.max(1)) * s.token_scale;
             s.token_scale = (0.8 * s.token_scale + 0.2 * ratio).clamp(0.05, 20.0);
         }
     }
 
-    /// A 429: block for `wait` and halve the window, once per block.
+    /// A 429 to a request sent at `level`: block for `wait` and lower the window to the
+    /// ceiling it sets, once per block (see the module's documentation).
     ///
     /// 429s that arrive while a block is on answer requests sent before it began: they are the
-    /// same congestion event and neither halve the window again nor push the block's end (the
+    /// same congestion event and neither lower the window again nor push the block's end (the
     /// first refusal dates the server's window best).
-    pub fn on_throttled(&self, wait: Duration) {
+    pub fn on_throttled(&self, wait: Duration, level: (usize, u64)) {
         use std::sync::atomic::Ordering::Relaxed;
         self.throttled.fetch_add(1, Relaxed);
         let mut s = self.lock();
         let now = Instant::now();
         if s.blocked_until.is_none_or(|b| b <= now) {
-            s.window = (s.window / 2.0).max(1.0);
+            let full = s.window.floor().max(1.0);
+            let level = level.0 as f64;
+            // Sent with the window (nearly) full, the refusal says the window is one too many:
+            // another request may have held the server's last slot a moment (a refused one, or
+            // one whose answer was on its way). Sent with fewer in flight, it says more.
+            let ceiling = if level >= full - 1.0 {
+                full - 1.0
+            } else {
+                (level - 1.0).max((full / 2.0).floor())
+            }
+            .max(1.0);
+            s.ceiling = Some(ceiling);
+            s.events += 1;
+            s.window = ceiling;
             self.decreases.fetch_add(1, Relaxed);
             self.block_for(&mut s, wait);
         }
@@ -301,23 +358,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn throttling_halves_the_window_once_per_block_and_blocks() {
+    async fn a_refusal_lowers_the_window_once_per_block_and_blocks() {
         let ep = EndpointConfig {
             max_concurrency: 8,
             ..EndpointConfig::default()
         };
         let l = Limiter::new(&ep);
-        l.on_throttled(Duration::from_secs(5));
-        l.on_throttled(Duration::from_secs(5));
-        assert_eq!(l.stats().window, 4.0);
+        // Refused at level 6 of 8: the server took 5. Later refusals of the same event
+        // change nothing.
+        l.on_throttled(Duration::from_secs(5), (6, 0));
+        l.on_throttled(Duration::from_secs(5), (2, 0));
+        assert_eq!(l.stats().window, 5.0);
+        assert_eq!(l.stats().ceiling, Some(5.0));
         assert_eq!(l.stats().decreases, 1);
         let t0 = Instant::now();
-        let _p = l.acquire(1).await;
+        let p = l.acquire(1).await;
         assert!(t0.elapsed() >= Duration::from_secs(5));
+        assert_eq!(p.level(), (1, 1));
+        // At the ceiling, one slot per four windows of successes.
+        for _ in 0..5 {
+            l.on_success(1, None, (5, 1));
+        }
+        assert!((l.stats().window - 5.25).abs() < 0.01, "{:?}", l.stats());
+        // A success above the ceiling of a request sent before it was set says nothing; of
+        // one sent after, the server takes more: back to one slot per window.
+        l.on_success(1, None, (8, 0));
+        assert_eq!(l.stats().ceiling, Some(5.0));
+        l.on_success(1, None, (6, 1));
+        assert_eq!(l.stats().ceiling, None);
         for _ in 0..64 {
-            l.on_success(1, None);
+            l.on_success(1, None, (8, 1));
         }
         assert_eq!(l.stats().window, 8.0, "recovers up to max_concurrency");
+        // Refused with the window full: one slot down.
+        l.on_throttled(Duration::from_secs(1), (8, 1));
+        assert_eq!(l.stats().window, 7.0);
+        // Refused at a low level (a rate limit, not concurrency): at most halved.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        l.on_throttled(Duration::from_secs(1), (1, 2));
+        assert_eq!(l.stats().window, 3.0);
     }
 
     #[tokio::test(start_paused = true)]

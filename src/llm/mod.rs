@@ -5,7 +5,8 @@
 //!
 //! - **Per-endpoint limiter** (never one global lock): configured requests/tokens per minute
 //!   ([`governor`]), plus what it learns — `Retry-After`, `x-ratelimit-*` headers, and an AIMD
-//!   window that halves on a 429 and recovers one slot per window of successes.
+//!   window that a 429 lowers to the level the server took (at least half) and that probes
+//!   above it slowly, so it settles at a server's capacity and follows it when it changes.
 //! - **Retries** only for 429, 5xx, timeouts and connection failures (exponential 1, 2, 4 … 60 s
 //!   with jitter, or exactly `Retry-After`); never for other 4xx, never after cancellation.
 //! - **Response cache**: content-addressed in SQLite (in memory by default, a file to share
@@ -1032,6 +1033,7 @@ impl LlmClient {
             self.check_budget()?;
             let est = ep.limiter.scaled_tokens(naive);
             let permit = ep.limiter.acquire(est).await;
+            let level = permit.level();
             self.0.requests.fetch_add(1, Relaxed);
             self.bump(req, |c| c.requests += 1);
             self.raise_if_spent();
@@ -1044,6 +1046,7 @@ impl LlmClient {
                     ep.limiter.on_success(
                         est,
                         Some((out.usage.input_tokens + out.usage.output_tokens) as u32),
+                        level,
                     );
                     return Ok(out);
                 }
@@ -1052,7 +1055,7 @@ impl LlmClient {
                     after: timeout,
                     attempts: attempt,
                 },
-                Ok(Err(e)) => self.classify(e, name, attempt, ep),
+                Ok(Err(e)) => self.classify(e, name, attempt, ep, level),
             };
             if !err.is_retryable() || attempt > ep.cfg.max_retries {
                 return Err(err);
@@ -1065,7 +1068,14 @@ impl LlmClient {
         }
     }
 
-    fn classify(&self, e: OpenAIError, endpoint: &str, attempts: u32, ep: &Endpoint) -> LlmError {
+    fn classify(
+        &self,
+        e: OpenAIError,
+        endpoint: &str,
+        attempts: u32,
+        ep: &Endpoint,
+        level: (usize, u64),
+    ) -> LlmError {
         let endpoint = endpoint.to_string();
         match e {
             OpenAIError::Boxed(b) => match b.downcast::<HttpFailure>() {
@@ -1080,7 +1090,7 @@ impl LlmClient {
                             }
                             None => Self::backoff(&ep.cfg, attempts - 1),
                         };
-                        ep.limiter.on_throttled(wait);
+                        ep.limiter.on_throttled(wait, level);
                         self.acc().stats.total.throttled += 1;
                     }
                     LlmError::Http {
@@ -1204,7 +1214,7 @@ impl LlmClient {
             .chat()
             .create_stream(req.to_openai(true)?)
             .await
-            .map_err(|e| self.classify(e, &name, 1, ep))?;
+            .map_err(|e| self.classify(e, &name, 1, ep, permit.level()))?;
         let (client, price) = (self.clone(), model.price);
         Ok(stream.filter_map(move |chunk| {
             let _held = &permit;
@@ -1475,6 +1485,14 @@ fn request_for(
     r.stop = opts.stop.clone();
     r.no_cache = !opts.cache;
     Ok(r)
+}
+
+/// Tokens (input + output) and dollars `clients` have counted so far.
+pub(crate) fn usage_of(clients: &[LlmClient]) -> (u64, f64) {
+    clients.iter().fold((0, 0.0), |(t, d), c| {
+        let s = c.total();
+        (t + s.input_tokens + s.output_tokens, d + s.cost_usd)
+    })
 }
 
 pub(crate) fn note_request(client: &LlmClient, r: &ChatRequest) {

@@ -28,6 +28,9 @@ const PLATEAU: usize = 50;
 const RATIO: f64 = 50.0;
 
 /// Go on, or stop at this boundary (and why).
+/// The live settings that count LLM spending.
+const BUDGETS: [&str; 2] = ["max_cost_usd", "max_tokens"];
+
 pub(crate) enum Flow {
     Go,
     Stop(String),
@@ -458,6 +461,12 @@ impl Recorder {
                 continue;
             }
             let result: std::result::Result<String, String> = match &c.action {
+                Action::Set(m)
+                    if self.client_usage().is_none()
+                        && BUDGETS.iter().any(|k| m.get(*k).is_some_and(|v| !v.is_null())) =>
+                {
+                    Err("the run follows no LLM client, so a budget would count nothing: give each client the system calls to Es::llm_client when the run starts".to_string())
+                }
                 Action::Set(_) | Action::Clear(_) => {
                     let mut new = self.live.clone();
                     c.action.apply_live(&mut new);
@@ -539,15 +548,17 @@ impl Recorder {
         if self.clients.is_empty() {
             return None;
         }
-        Some(self.clients.iter().fold((0, 0.0), |(t, d), c| {
-            let s = c.total();
-            (t + s.input_tokens + s.output_tokens, d + s.cost_usd)
-        }))
+        Some(crate::llm::usage_of(&self.clients))
     }
 
     #[cfg(not(feature = "llm"))]
     fn client_usage(&self) -> Option<(u64, f64)> {
         None
+    }
+
+    /// LLM tokens and dollars that earlier sessions of the run spent.
+    pub(crate) fn usage_offset(&self) -> (u64, f64) {
+        self.usage_offset
     }
 
     /// Takes the clients' counters as this session's zero.
@@ -556,37 +567,49 @@ impl Recorder {
     }
 
     /// Puts the run's LLM usage so far into the newest row (then the budget alert).
-    fn count_usage(&mut self, g: usize) -> Result<()> {
+    fn count_usage(&mut self, er: &EsRun, g: usize) -> Result<()> {
         let Some((tokens, usd)) = self.client_usage() else {
             return Ok(());
         };
         let (t0, d0) = self.usage_base;
         let (to, dof) = self.usage_offset;
+        let spent = (to + tokens.saturating_sub(t0), dof + (usd - d0).max(0.0));
         if let Some(row) = self.rows.last_mut() {
-            row.tokens = Some(to + tokens.saturating_sub(t0));
-            row.usd = Some(dof + (usd - d0).max(0.0));
+            row.tokens = Some(spent.0);
+            row.usd = Some(spent.1);
         }
-        self.budget_alert(g)
+        self.budget_alert(er, g, spent)
     }
 
-    /// Alerts once when a client's budget is 90% spent.
+    /// Alerts once when the run's budget or a client's is 90% spent.
     #[cfg(feature = "llm")]
-    fn budget_alert(&mut self, g: usize) -> Result<()> {
-        let nearly = self.clients.iter().find_map(|c| {
-            let b = c.config().budget;
-            if b.max_cost_usd.is_none() && b.max_requests.is_none() {
-                return None;
-            }
-            let s = c.total();
-            match (b.max_cost_usd, b.max_requests) {
-                (Some(max), _) if s.cost_usd >= 0.9 * max => {
-                    Some(format!("${:.4} of the ${max:.4} budget", s.cost_usd))
+    fn budget_alert(&mut self, er: &EsRun, g: usize, (tokens, usd): (u64, f64)) -> Result<()> {
+        let run = match er.settings().budgets() {
+            (_, Some(max)) if usd >= 0.9 * max => Some(format!(
+                "${usd:.4} of the run's ${max:.4} budget (max_cost_usd)"
+            )),
+            (Some(max), _) if tokens as f64 >= 0.9 * max as f64 => Some(format!(
+                "{tokens} of the run's {max} tokens budget (max_tokens)"
+            )),
+            _ => None,
+        };
+        let nearly = run.or_else(|| {
+            self.clients.iter().find_map(|c| {
+                let b = c.config().budget;
+                if b.max_cost_usd.is_none() && b.max_requests.is_none() {
+                    return None;
                 }
-                (_, Some(max)) if s.requests as f64 >= 0.9 * max as f64 => {
-                    Some(format!("{} of the {max} requests budget", s.requests))
+                let s = c.total();
+                match (b.max_cost_usd, b.max_requests) {
+                    (Some(max), _) if s.cost_usd >= 0.9 * max => {
+                        Some(format!("${:.4} of the ${max:.4} budget", s.cost_usd))
+                    }
+                    (_, Some(max)) if s.requests as f64 >= 0.9 * max as f64 => {
+                        Some(format!("{} of the {max} requests budget", s.requests))
+                    }
+                    _ => None,
                 }
-                _ => None,
-            }
+            })
         });
         if let Some(what) = nearly {
             self.alert(
@@ -601,7 +624,7 @@ impl Recorder {
     }
 
     #[cfg(not(feature = "llm"))]
-    fn budget_alert(&mut self, _g: usize) -> Result<()> {
+    fn budget_alert(&mut self, _er: &EsRun, _g: usize, _spent: (u64, f64)) -> Result<()> {
         Ok(())
     }
 
@@ -635,7 +658,7 @@ impl Recorder {
             tokens: None,
             usd: None,
         });
-        self.count_usage(stats.generation)?;
+        self.count_usage(er, stats.generation)?;
         self.last_mean = f64::from(stats.mean);
         if best.as_ref().map(|b| b.generation) != self.best.as_ref().map(|b| b.generation) {
             self.best = best.clone();
@@ -808,6 +831,7 @@ impl Recorder {
         let (status, why) = match stop {
             StopReason::Command => ("stopped", detail.to_string()),
             StopReason::Signal => ("stopped", format!("signal: {detail}")),
+            StopReason::Budget => ("stopped", format!("budget: {detail}")),
             StopReason::Generations => ("finished", "generation limit".to_string()),
             StopReason::Target => ("finished", "target reached".to_string()),
             StopReason::Patience => ("finished", "patience ran out".to_string()),

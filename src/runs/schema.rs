@@ -44,6 +44,12 @@ pub struct RunConfig {
     /// Examples per generation's evaluation (`None`: all).
     #[serde(default)]
     pub examples_per_eval: Option<usize>,
+    /// The run's LLM dollar budget (`None`: none), checked at every generation boundary.
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+    /// The run's LLM token budget (`None`: none), checked at every generation boundary.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
 }
 
 /// What a setting's value must be.
@@ -61,6 +67,8 @@ pub enum Kind {
     OptionalCount,
     /// A finite number, or `null` for none.
     OptionalNumber,
+    /// A finite number ≥ 0, or `null` for none.
+    OptionalAmount,
     /// Fixed for the run's lifetime.
     RestartOnly,
 }
@@ -127,6 +135,16 @@ pub const SETTINGS: &[Setting] = &[
         name: "examples_per_eval",
         kind: Kind::OptionalCount,
         doc: "examples per generation's evaluation, a fresh seeded subset each generation (null: all)",
+    },
+    Setting {
+        name: "max_cost_usd",
+        kind: Kind::OptionalAmount,
+        doc: "the run's LLM dollar budget, across resumes; it stops at the first boundary where it is spent (null: none)",
+    },
+    Setting {
+        name: "max_tokens",
+        kind: Kind::OptionalCount,
+        doc: "the run's LLM token budget, across resumes; it stops at the first boundary where it is spent (null: none)",
     },
     Setting {
         name: "seed",
@@ -238,6 +256,15 @@ fn checked(s: &Setting, v: &Value) -> std::result::Result<Value, String> {
         Kind::OptionalCount => count(v).map(Value::from),
         Kind::OptionalNumber if v.is_null() => Ok(Value::Null),
         Kind::OptionalNumber => num(v).map(|_| v.clone()),
+        Kind::OptionalAmount if v.is_null() => Ok(Value::Null),
+        Kind::OptionalAmount => {
+            let x = num(v)?;
+            if x >= 0.0 {
+                Ok(v.clone())
+            } else {
+                Err(format!("`{name}` must be >= 0 (or null for none), got {x}"))
+            }
+        }
     }
 }
 
@@ -272,6 +299,8 @@ impl RunConfig {
                 "max_failure_rate" => c.max_failure_rate = f(),
                 "max_batch_size" => c.max_batch_size = n(),
                 "examples_per_eval" => c.examples_per_eval = v.as_u64().map(|n| n as usize),
+                "max_cost_usd" => c.max_cost_usd = v.as_f64(),
+                "max_tokens" => c.max_tokens = v.as_u64(),
                 other => return Err(format!("`{other}` cannot be set live")),
             }
         }

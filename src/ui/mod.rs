@@ -525,6 +525,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Count => "count",
         Kind::OptionalCount => "optional_count",
         Kind::OptionalNumber => "optional_number",
+        Kind::OptionalAmount => "optional_amount",
         Kind::RestartOnly => "restart_only",
     }
 }

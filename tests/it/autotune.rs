@@ -413,8 +413,9 @@ mod endpoint {
 }
 
 /// An OpenAI-compatible server with a capacity: at most `capacity` requests in flight (each
-/// takes `delay`); one more is answered 429 with `Retry-After: 1`. No real server here can
-/// have a known capacity, so this one speaks real HTTP/1.1 and the chat completions JSON.
+/// takes `delay`); one more is answered 429 (with `Retry-After: 1` unless started without).
+/// The capacity can change while it runs. No real server here can have a known, changeable
+/// capacity, so this one speaks real HTTP/1.1 and the chat completions JSON.
 #[cfg(feature = "llm")]
 mod capacity_server {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -428,18 +429,30 @@ mod capacity_server {
         pub base_url: String,
         pub throttled: Arc<AtomicUsize>,
         pub served: Arc<AtomicUsize>,
+        /// Requests it takes at once; change it to change the server's capacity.
+        pub capacity: Arc<AtomicUsize>,
     }
 
     pub async fn start(capacity: usize, delay: Duration) -> Server {
+        start_with(capacity, delay, true).await
+    }
+
+    pub async fn start_with(capacity: usize, delay: Duration, retry_after: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let throttled = Arc::new(AtomicUsize::new(0));
         let served = Arc::new(AtomicUsize::new(0));
-        let (t, s) = (throttled.clone(), served.clone());
+        let capacity = Arc::new(AtomicUsize::new(capacity));
+        let (t, s, cap) = (throttled.clone(), served.clone(), capacity.clone());
+        let extra_429 = if retry_after {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                let (in_flight, t, s) = (in_flight.clone(), t.clone(), s.clone());
+                let (in_flight, t, s, cap) = (in_flight.clone(), t.clone(), s.clone(), cap.clone());
                 tokio::spawn(async move {
                     let (rd, mut wr) = sock.into_split();
                     let mut rd = BufReader::new(rd);
@@ -476,12 +489,14 @@ mod capacity_server {
                                 r#"{"object":"list","data":[{"id":"cap-model","object":"model"}]}"#
                                     .to_string(),
                             )
-                        } else if in_flight.fetch_add(1, Ordering::SeqCst) >= capacity {
+                        } else if in_flight.fetch_add(1, Ordering::SeqCst)
+                            >= cap.load(Ordering::SeqCst)
+                        {
                             in_flight.fetch_sub(1, Ordering::SeqCst);
                             t.fetch_add(1, Ordering::SeqCst);
                             (
                                 429,
-                                "retry-after: 1\r\n",
+                                extra_429,
                                 r#"{"error":{"message":"over capacity","type":"rate_limit"}}"#
                                     .to_string(),
                             )
@@ -506,8 +521,108 @@ mod capacity_server {
             base_url: format!("http://{addr}/v1"),
             throttled,
             served,
+            capacity,
         }
     }
+}
+
+/// A limiter that meets a server whose capacity halves and then doubles while calls flow:
+/// its window settles within 10% of each new capacity, and no 429 reaches a caller.
+#[cfg(feature = "llm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_follows_the_servers_capacity_down_and_back_up() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use hyperfunc::llm::{ChatRequest, LlmClient, LlmConfig};
+
+    // A concurrency limit answers a refusal at once and says nothing of when to come back.
+    let server = capacity_server::start_with(8, Duration::from_millis(40), false).await;
+    let mut cfg = LlmConfig::new(&server.base_url);
+    cfg.endpoints[0].max_concurrency = 16;
+    cfg.endpoints[0].backoff_base_ms = 20;
+    cfg.no_cache = true;
+    let client = LlmClient::new(cfg).unwrap();
+    let window = {
+        let c = client.clone();
+        move || c.stats().endpoints.values().next().unwrap().window
+    };
+    // 24 callers keep more requests waiting than the server ever takes; each sends the
+    // window it sees after its call.
+    let done = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let callers: Vec<_> = (0..24)
+        .map(|i| {
+            let (client, done, tx, window) =
+                (client.clone(), done.clone(), tx.clone(), window.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let r = client
+                        .chat(ChatRequest::new("cap-model").user(format!("c{i} q{n}")))
+                        .await;
+                    assert_eq!(r.expect("no 429 reaches a caller").text, "Fine.");
+                    n += 1;
+                    if tx.send(window()).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    const TRAIL: usize = 80;
+    for capacity in [8usize, 4, 8] {
+        server.capacity.store(capacity, Ordering::SeqCst);
+        let in_band = |w: f64| (w.floor() - capacity as f64).abs() <= 0.1 * capacity as f64;
+        let t0 = std::time::Instant::now();
+        let mut samples: Vec<f64> = Vec::new();
+        // Settled: 90% of the last TRAIL calls saw a window within 10% of the capacity.
+        let settled_at = loop {
+            samples.push(rx.recv().await.unwrap());
+            let trail = &samples[samples.len().saturating_sub(TRAIL)..];
+            if trail.len() == TRAIL
+                && trail.iter().filter(|&&w| in_band(w)).count() * 10 >= TRAIL * 9
+            {
+                break samples.len();
+            }
+            assert!(
+                samples.len() < 1500,
+                "capacity {capacity}: not settled after 1500 calls; last windows {:?}",
+                &samples[samples.len() - 20..]
+            );
+        };
+        println!(
+            "capacity {capacity}: settled after {settled_at} calls, {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        // And it stays there.
+        let mut after = Vec::with_capacity(200);
+        while after.len() < 200 {
+            after.push(rx.recv().await.unwrap());
+        }
+        let kept = after.iter().filter(|&&w| in_band(w)).count();
+        assert!(
+            kept >= 180,
+            "capacity {capacity}: {kept} of 200 in band: {after:?}"
+        );
+    }
+    done.store(true, Ordering::SeqCst);
+    drop(rx);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let s = client.stats();
+    let refusals = server.throttled.load(Ordering::SeqCst) as f64;
+    let served = server.served.load(Ordering::SeqCst) as f64;
+    println!(
+        "{refusals} refusals for {served} answers; limiter {:?}",
+        s.endpoints
+    );
+    assert!(
+        refusals < 0.15 * served,
+        "probing above the capacity stays rare: {refusals} refusals, {served} answers"
+    );
 }
 
 #[cfg(feature = "llm")]

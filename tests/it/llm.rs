@@ -562,6 +562,101 @@ async fn run_rows_carry_llm_tokens_and_dollars_and_warn_before_the_budget_stops_
 }
 
 #[tokio::test]
+async fn the_run_budget_is_a_live_setting_that_stops_the_run_where_it_is_spent() {
+    let dir = std::env::temp_dir().join(format!("hf-llm-budget-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = hyperfunc::runs::RunStore::open(&dir).unwrap();
+    let mut cfg = config("sk-hf-free", |_| {});
+    cfg.no_cache = true; // every candidate's call is paid for
+    let ex = Examples::json(vec![json!("hi")], vec![json!("")]).unwrap();
+    let m = metric::per_example(|_, _| 1.0);
+    let c = LlmClient::new(cfg).unwrap();
+    let sys = Chain::new(vec![HyperFn::llm("greet", &c, "mock-gpt")]);
+    let es = Es::default()
+        .pop_size(4)
+        .generations(1000)
+        .progress(false)
+        .store(store.clone())
+        .llm_client(&c);
+
+    // What one generation costs (the mock answers the same every time).
+    let probe = es
+        .clone()
+        .generations(2)
+        .optimize(&sys, &ex, &m)
+        .await
+        .unwrap();
+    let rows = store.generations(probe.run.unwrap()).unwrap();
+    let per_gen = rows[0].usd.unwrap();
+    assert!(per_gen > 0.0 && rows[1].tokens == Some(2 * rows[0].tokens.unwrap()));
+
+    // A budget far away at the start, lowered live at gen 2 to five and a half generations'
+    // worth: the run stops at the first boundary where it is spent, after the sixth.
+    let es = es.max_cost_usd(1000.0);
+    let run = store.create("budget", &es).unwrap();
+    let ctl = store.control(run).source("test");
+    ctl.clone()
+        .at_gen(2)
+        .set("max_cost_usd", per_gen * 5.5)
+        .unwrap();
+    let before = c.total().cost_usd;
+    let report = es.clone().run(run).optimize(&sys, &ex, &m).await.unwrap();
+    assert_eq!(report.stop, StopReason::Budget);
+    let detail = report.stop_detail.clone().unwrap();
+    assert!(detail.contains("max_cost_usd"), "{detail}");
+    let rows = store.generations(run).unwrap();
+    assert_eq!(rows.len(), 6, "{rows:#?}");
+    let spent = rows.last().unwrap().usd.unwrap();
+    assert!(spent >= per_gen * 5.5 && spent < per_gen * 6.5, "{spent}");
+    let events = store.events(run).unwrap();
+    let said = |p: &dyn Fn(&str) -> bool| events.iter().any(|e| p(&e.message));
+    assert!(
+        said(&|m| m.starts_with("gen 2: max_cost_usd 1000.0 →") && m.contains("(cmd 1 from test)")),
+        "{events:#?}"
+    );
+    assert!(
+        said(&|m| m.contains("budget nearly spent") && m.contains("max_cost_usd")),
+        "{events:#?}"
+    );
+    let info = store.info(run).unwrap();
+    assert_eq!(info.status, "stopped");
+    assert!(info.stop.unwrap().starts_with("budget: "));
+    assert_eq!(
+        store
+            .effective_config(run, usize::MAX)
+            .unwrap()
+            .max_cost_usd,
+        Some(per_gen * 5.5)
+    );
+    // The final θ is not evaluated again: nothing is spent after the last row.
+    let after = c.total().cost_usd - before;
+    assert!((after - spent).abs() < per_gen * 1e-6, "{after} vs {spent}");
+
+    // A token budget stops it the same way; set to none live, the run goes on. (Clearing it
+    // would bring back the starting budget.)
+    let es = Es::default()
+        .pop_size(4)
+        .generations(8)
+        .progress(false)
+        .store(store.clone())
+        .llm_client(&c)
+        .max_tokens(rows[0].tokens.unwrap() * 3);
+    let run = store.create("tokens", &es).unwrap();
+    store
+        .control(run)
+        .at_gen(1)
+        .set("max_tokens", serde_json::Value::Null)
+        .unwrap();
+    let report = es.clone().run(run).optimize(&sys, &ex, &m).await.unwrap();
+    assert_eq!(report.stop, StopReason::Generations);
+    let es = es.max_tokens(rows[0].tokens.unwrap() * 3);
+    let report = es.optimize(&sys, &ex, &m).await.unwrap();
+    assert_eq!(report.stop, StopReason::Budget);
+    assert_eq!(report.history.len(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn optimize_tunes_lm_params_through_an_llm_hyperfunction() {
     // A scripted model whose answer is a score of the sampling knobs (best at t=0.2, top_p=0.9).
     let seen = Arc::new(Mutex::new(Vec::<f64>::new()));

@@ -360,6 +360,8 @@ async fn fuzzed_commands_leave_a_valid_config_and_never_apply_in_part() {
         "weight_decay",
         "max_failure_rate",
         "max_batch_size",
+        "max_cost_usd",
+        "max_tokens",
         "seed",
         "antithetic",
         "lrr",
@@ -413,6 +415,7 @@ async fn fuzzed_commands_leave_a_valid_config_and_never_apply_in_part() {
         r#"{"lr": 0.07, "pop_size": 31}"#,
         r#"{"sigma": "wide"}"#,
         r#"{"seed": 1}"#,
+        r#"{"max_cost_usd": -1}"#,
     ] {
         conn.execute(
             "INSERT INTO commands(run, created_at, source, action, patch) VALUES (?1, 0, 'raw', 'set', ?2)",
@@ -986,6 +989,69 @@ async fn examples_per_eval_is_reproducible_and_settable_live() {
         .await
         .unwrap();
     assert!(replay.theta.bit_eq(&r.theta).unwrap());
+}
+
+#[tokio::test]
+async fn a_budget_needs_an_llm_client_to_count_and_is_refused_live_without_one() {
+    let (dir, store, es, run) = xor_run("budget", 12);
+    let (net, data) = (xor_net(None), xor_data());
+    // Given at the start with nothing to count: refused before anything runs.
+    let e = es
+        .clone()
+        .run(run)
+        .max_cost_usd(1.0)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, hyperfunc::Error::InvalidConfig { .. })
+            && e.to_string().contains("Es::llm_client"),
+        "{e}"
+    );
+    assert!(es.clone().max_cost_usd(-1.0).validate().is_err());
+    assert!(es.clone().max_cost_usd(f64::NAN).validate().is_err());
+    // Written: type and range are checked at once (the writer cannot see the run's clients).
+    let ctl = store.control(run).source("test");
+    for (k, v) in [("max_cost_usd", json!(-1)), ("max_tokens", json!(0))] {
+        let e = ctl.clone().set(k, v.clone()).unwrap_err();
+        assert!(e.to_string().contains(k), "{k}={v}: {e}");
+    }
+    let id = ctl.clone().at_gen(5).set("max_cost_usd", 2.5).unwrap();
+    let report = es
+        .clone()
+        .run(run)
+        .optimize(&net, &data, &metric::bce())
+        .await
+        .unwrap();
+    // Applied: refused whole, with the reason, and the run goes on.
+    assert_eq!(report.stop, StopReason::Generations);
+    assert_eq!(report.history.len(), 12);
+    let cmd = store
+        .commands(run)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap();
+    assert_eq!(cmd.status, "rejected");
+    assert!(
+        cmd.reason.as_deref().unwrap().contains("no LLM client"),
+        "{cmd:?}"
+    );
+    let events = store.events(run).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.starts_with("gen 5: rejected") && e.message.contains("LLM client")),
+        "{events:#?}"
+    );
+    assert_eq!(
+        store
+            .effective_config(run, usize::MAX)
+            .unwrap()
+            .max_cost_usd,
+        None
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
