@@ -4,7 +4,9 @@
 //! The steps: `GET /models` (the model must be listed; a 401/403 aborts at once), one small
 //! request whose `x-ratelimit-*` headers give the declared limits (a hard ceiling), a latency
 //! model `latency ≈ a + b·prompt_tokens + c·output_tokens` from prompts of several sizes (which
-//! also gives the largest prompt answered validly), then a concurrency sweep 1, 2, 4, … until
+//! also gives the largest prompt answered validly), a `max_tokens` sweep (256 … 16 384, asking
+//! for a long answer, to the first refusal or timeout: the largest safe `max_tokens`), then a
+//! concurrency sweep 1, 2, 4, … until
 //! throughput stops growing, p95 passes the latency goal, answers degrade, or the first
 //! 429/503/timeout — which stops the sweep at once and is waited out (`Retry-After`) — followed
 //! by a bisection between the last good and the first bad level. Requests that fail with
@@ -135,6 +137,30 @@ pub struct Level {
     pub good: bool,
 }
 
+/// One request of the size measurements: how latency and validity change with the prompt's
+/// length and `max_tokens`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SizePoint {
+    /// Prompt tokens (as the server counted them, else the estimate sent).
+    pub prompt_tokens: u64,
+    /// `max_tokens` asked for.
+    pub max_tokens: u32,
+    /// Output tokens the server counted.
+    pub output_tokens: u64,
+    /// Latency, ms.
+    pub latency_ms: f64,
+    /// HTTP status (0: timed out).
+    pub status: u16,
+    /// The finish reason (`stop`, `length`…).
+    pub finish: String,
+    /// Answered (200) with a non-empty text: the server handles this size. (An answer cut
+    /// at `max_tokens` counts: the cap was honoured.)
+    pub ok: bool,
+}
+
+/// The `max_tokens` values the sweep asks for, in order (stopped at the first refusal).
+pub const MAX_TOKENS_SWEEP: [u32; 4] = [256, 1024, 4096, 16384];
+
 /// The saved result of tuning one endpoint and model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -166,6 +192,13 @@ pub struct EndpointRecord {
     pub latency: LatencyModel,
     /// The largest prompt (estimated tokens) answered validly.
     pub max_ok_prompt_tokens: u64,
+    /// The largest `max_tokens` of the sweep the server accepted and answered within the
+    /// tuning timeout (0: none measured); recommend no larger.
+    #[serde(default)]
+    pub max_ok_max_tokens: u32,
+    /// Every request of the latency and size measurements, in the order sent.
+    #[serde(default)]
+    pub sizes: Vec<SizePoint>,
     /// The sweep, in the order run.
     pub curve: Vec<Level>,
     /// Requests sent while tuning.
@@ -205,7 +238,8 @@ impl EndpointRecord {
         let mut s = format!(
             "## {}\n\nconcurrency **{}**, rpm {}, tpm {}, timeout {} ms, retries {}, backoff {} ms; \
              latency ≈ {:.0} ms + {:.3} ms/prompt token + {:.3} ms/output token; largest valid \
-             prompt ≈ {} tokens; {} requests, {} throttles; stopped: {}; confidence {:.2}\n\n\
+             prompt ≈ {} tokens; largest safe max_tokens {}; {} requests, {} throttles; \
+             stopped: {}; confidence {:.2}\n\n\
              | concurrency | requests | answers/s | p50 ms | p95 ms | p99 ms | errors | 429 | invalid | good |\n\
              |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
             self.key,
@@ -219,6 +253,11 @@ impl EndpointRecord {
             self.latency.b_ms_per_prompt_token,
             self.latency.c_ms_per_output_token,
             self.max_ok_prompt_tokens,
+            if self.max_ok_max_tokens == 0 {
+                "not measured".to_string()
+            } else {
+                self.max_ok_max_tokens.to_string()
+            },
             self.requests_sent,
             self.throttles,
             self.stop_reason,
@@ -238,6 +277,28 @@ impl EndpointRecord {
                 l.invalid,
                 if l.good { "yes" } else { "no" }
             ));
+        }
+        if !self.sizes.is_empty() {
+            s.push_str(
+                "\n| prompt tokens | max_tokens | output tokens | latency ms | status | finish | ok |\n\
+                 |---:|---:|---:|---:|---:|---|---|\n",
+            );
+            for p in &self.sizes {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {:.0} | {} | {} | {} |\n",
+                    p.prompt_tokens,
+                    p.max_tokens,
+                    p.output_tokens,
+                    p.latency_ms,
+                    if p.status == 0 {
+                        "timeout".to_string()
+                    } else {
+                        p.status.to_string()
+                    },
+                    p.finish,
+                    if p.ok { "yes" } else { "no" }
+                ));
+            }
         }
         s
     }
@@ -305,11 +366,17 @@ impl Session<'_> {
 
     /// One chat completion of about `prompt_tokens` tokens asking for `max_tokens`.
     async fn shot(&self, prompt_tokens: usize, max_tokens: u32) -> Result<Shot> {
+        self.shot_asking(prompt_tokens, max_tokens, "Reply with one short sentence.")
+            .await
+    }
+
+    /// [`Session::shot`] ending with `ask`.
+    async fn shot_asking(&self, prompt_tokens: usize, max_tokens: u32, ask: &str) -> Result<Shot> {
         self.sent.fetch_add(1, Ordering::Relaxed);
         let filler = "Background detail that the answer does not need. ".repeat(prompt_tokens / 10);
         let body = json!({
             "model": self.probe.model,
-            "messages": [{"role": "user", "content": format!("{filler}Reply with one short sentence.")}],
+            "messages": [{"role": "user", "content": format!("{filler}{ask}")}],
             "max_tokens": max_tokens,
             "temperature": 0.7,
         });
@@ -441,6 +508,23 @@ impl Session<'_> {
     }
 }
 
+fn size_point(shot: &Shot, prompt: usize, max_tokens: u32, probe: &EndpointProbe) -> SizePoint {
+    let answered = shot.status == 200 && !shot.text.trim().is_empty();
+    SizePoint {
+        prompt_tokens: if shot.prompt_tokens > 0 {
+            shot.prompt_tokens
+        } else {
+            prompt as u64
+        },
+        max_tokens,
+        output_tokens: shot.output_tokens,
+        latency_ms: shot.latency_ms,
+        status: if shot.timeout { 0 } else { shot.status },
+        finish: shot.finish.clone(),
+        ok: answered && (shot.finish == "length" || (probe.validator)(&shot.text, &shot.finish)),
+    }
+}
+
 /// Least squares of latency on (1, prompt, output); falls back to the mean when the sizes do
 /// not vary.
 fn fit(samples: &[(u64, u64, f64)]) -> LatencyModel {
@@ -538,6 +622,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         stop_reason = "throttled on the first request".into();
     }
     // 3. Latency model from several prompt and answer sizes.
+    let mut sizes = vec![size_point(&first, 20, 16, probe)];
     let mut samples = vec![(first.prompt_tokens, first.output_tokens, first.latency_ms)];
     let mut max_ok_prompt_tokens =
         if first.status == 200 && (probe.validator)(&first.text, &first.finish) {
@@ -551,6 +636,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
                 break;
             }
             let shot = s.shot(prompt, out).await?;
+            sizes.push(size_point(&shot, prompt, out, probe));
             if shot.status == 400 {
                 // Too large for the model: the largest valid prompt is known.
                 break;
@@ -567,6 +653,36 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
                         max_ok_prompt_tokens.max(shot.prompt_tokens.max(prompt as u64));
                 }
             }
+        }
+    }
+    // 3b. `max_tokens`: ask for a long answer with larger and larger caps, until one is refused
+    // (400: over the model's limit), times out or is throttled.
+    let mut max_ok_max_tokens = 0u32;
+    if stop_reason.is_empty() {
+        for m in MAX_TOKENS_SWEEP {
+            if s.left() < 8 || s.out_of_time() {
+                break;
+            }
+            let shot = s
+                .shot_asking(
+                    100,
+                    m,
+                    "Write a long, detailed essay about rivers, as long as you are allowed.",
+                )
+                .await?;
+            let point = size_point(&shot, 100, m, probe);
+            let ok = point.ok;
+            sizes.push(point);
+            if shot.status == 429 {
+                retry_after_s = retry_after_s.max(shot.retry_after_s.unwrap_or(1.0));
+                stop_reason = "throttled while measuring max_tokens".into();
+                break;
+            }
+            if !ok {
+                break;
+            }
+            samples.push((shot.prompt_tokens, shot.output_tokens, shot.latency_ms));
+            max_ok_max_tokens = m;
         }
     }
     let latency = fit(&samples);
@@ -685,6 +801,8 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         backoff_base_ms: ((retry_after_s * 1e3) as u64).max(500),
         latency,
         max_ok_prompt_tokens,
+        max_ok_max_tokens,
+        sizes,
         curve,
         requests_sent: s.sent.load(Ordering::Relaxed),
         throttles,

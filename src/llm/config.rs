@@ -192,8 +192,9 @@ impl LlmConfig {
 
     /// Starts every endpoint's limiter from the settings `hyperfunc autotune endpoint` saved
     /// for its base URL in `store` (concurrency, rate ceilings, timeout, retries, backoff; with
-    /// records of several models the most cautious concurrency). Endpoints without a record
-    /// are left as they are. Returns the names of the endpoints changed.
+    /// records of several models the most cautious concurrency), and lowers a model's
+    /// `max_output_tokens` to the largest `max_tokens` its record found safe. Endpoints without
+    /// a record are left as they are. Returns the names of the endpoints changed.
     pub fn apply_autotune(&mut self, store: &crate::autotune::Store) -> Vec<String> {
         let mut changed = Vec::new();
         for ep in &mut self.endpoints {
@@ -210,6 +211,16 @@ impl LlmConfig {
             if let Some(r) = best {
                 r.apply(ep);
                 changed.push(ep.name.clone());
+            }
+            for name in &models {
+                let safe = store
+                    .get_endpoint(&ep.base_url, name)
+                    .map_or(0, |r| r.max_ok_max_tokens);
+                if let Some(m) = self.models.get_mut(name) {
+                    if safe > 0 && m.max_output_tokens > safe {
+                        m.max_output_tokens = safe;
+                    }
+                }
             }
         }
         changed

@@ -348,6 +348,10 @@ mod endpoint {
         assert!(r.concurrency >= 1 && r.concurrency <= 8);
         assert!(r.latency.a_ms > 0.0);
         assert!(r.max_ok_prompt_tokens > 0);
+        // Sizes: the prompts of the latency model, then the max_tokens sweep, all answered.
+        assert!(r.sizes.len() >= 6, "{}", r.to_markdown());
+        assert!(r.sizes.iter().all(|p| p.ok && p.latency_ms > 0.0));
+        assert!(r.max_ok_max_tokens >= 256, "{}", r.to_markdown());
         let mut ep = EndpointConfig::new("mock", &url());
         r.apply(&mut ep);
         assert_eq!(ep.max_concurrency, r.concurrency);
@@ -413,7 +417,8 @@ mod endpoint {
 }
 
 /// An OpenAI-compatible server with a capacity: at most `capacity` requests in flight (each
-/// takes `delay`); one more is answered 429 (with `Retry-After: 1` unless started without).
+/// takes `delay`); one more is answered 429 (with `Retry-After: 1` unless started without);
+/// a `max_tokens` above 2 048 is refused with 400, as a model's output limit is.
 /// The capacity can change while it runs. No real server here can have a known, changeable
 /// capacity, so this one speaks real HTTP/1.1 and the chat completions JSON.
 #[cfg(feature = "llm")]
@@ -487,6 +492,17 @@ mod capacity_server {
                                 200,
                                 "",
                                 r#"{"object":"list","data":[{"id":"cap-model","object":"model"}]}"#
+                                    .to_string(),
+                            )
+                        } else if serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|b| b["max_tokens"].as_u64())
+                            .is_some_and(|m| m > 2048)
+                        {
+                            (
+                                400,
+                                "",
+                                r#"{"error":{"message":"max_tokens is too large: the model's limit is 2048","type":"invalid_request_error"}}"#
                                     .to_string(),
                             )
                         } else if in_flight.fetch_add(1, Ordering::SeqCst)
@@ -641,6 +657,24 @@ async fn tuned_settings_reach_the_capacity_with_no_429_surfaced_to_callers() {
     assert_eq!(r.concurrency, 6, "{}", r.to_markdown());
     assert!(r.throttles <= 5, "{}", r.to_markdown());
     assert!(r.requests_sent <= 120);
+    // The max_tokens sweep stops at the first refusal: 4 096 is over the model's limit.
+    assert_eq!(r.max_ok_max_tokens, 1024, "{}", r.to_markdown());
+    let refused = r.sizes.last().unwrap();
+    assert_eq!(
+        (refused.max_tokens, refused.status, refused.ok),
+        (4096, 400, false)
+    );
+    assert!(r.to_markdown().contains("largest safe max_tokens 1024"));
+    // A config started from the saved record caps the model's output at the safe value.
+    let dir = temp_dir("cap-max-tokens");
+    let store = Store::at(&dir);
+    store.save_endpoint(&r).unwrap();
+    let mut cfg =
+        LlmConfig::new(&server.base_url).model("cap-model", hyperfunc::llm::ModelConfig::default());
+    assert_eq!(cfg.models["cap-model"].max_output_tokens, 4096);
+    assert_eq!(cfg.apply_autotune(&store), vec!["default".to_string()]);
+    assert_eq!(cfg.models["cap-model"].max_output_tokens, 1024);
+    let _ = std::fs::remove_dir_all(&dir);
     // A client started from the record never goes over it: no 429 reaches the server's count
     // or a caller.
     let before = server.throttled.load(Ordering::SeqCst);
