@@ -50,6 +50,8 @@ pub struct EndpointProbe {
     /// Judges an answer (text, finish reason); default: non-empty and not cut off by the
     /// length limit.
     pub validator: Validator,
+    /// Where to report progress (the CLI draws a bar); `None`: silent.
+    pub progress: Option<super::OnProgress>,
 }
 
 impl std::fmt::Debug for EndpointProbe {
@@ -76,6 +78,7 @@ impl EndpointProbe {
             latency_goal: None,
             request_timeout: Duration::from_secs(60),
             validator: Arc::new(|text, finish| !text.trim().is_empty() && finish != "length"),
+            progress: None,
         }
     }
 
@@ -335,6 +338,14 @@ fn endpoint_error(message: String) -> Error {
 }
 
 impl Session<'_> {
+    /// Reports the phase and the requests sent so far.
+    fn say(&self, phase: &str) {
+        if let Some(p) = &self.probe.progress {
+            let sent = self.sent.load(Ordering::Relaxed);
+            p.report(phase, sent, self.probe.max_requests, "requests");
+        }
+    }
+
     fn left(&self) -> u64 {
         self.probe
             .max_requests
@@ -598,6 +609,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         started: Instant::now(),
     };
     // 1. The model list.
+    s.say("model list");
     let listed = match s.models().await? {
         Some(ids) if !ids.iter().any(|m| m == &probe.model) => {
             let close = closest_models(&ids, &probe.model);
@@ -613,6 +625,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         None => None,
     };
     // 2. One small request: declared limits.
+    s.say("declared limits");
     let first = s.shot(20, 16).await?;
     let declared_rpm = header_u64(&first.headers, "x-ratelimit-limit-requests");
     let declared_tpm = header_u64(&first.headers, "x-ratelimit-limit-tokens");
@@ -622,6 +635,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
         stop_reason = "throttled on the first request".into();
     }
     // 3. Latency model from several prompt and answer sizes.
+    s.say("latency and prompt sizes");
     let mut sizes = vec![size_point(&first, 20, 16, probe)];
     let mut samples = vec![(first.prompt_tokens, first.output_tokens, first.latency_ms)];
     let mut max_ok_prompt_tokens =
@@ -659,6 +673,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
     // (400: over the model's limit), times out or is throttled.
     let mut max_ok_max_tokens = 0u32;
     if stop_reason.is_empty() {
+        s.say("max_tokens sweep");
         for m in MAX_TOKENS_SWEEP {
             if s.left() < 8 || s.out_of_time() {
                 break;
@@ -715,6 +730,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
                 stop_reason = "declared rate limit".into();
                 break;
             }
+            s.say(&format!("concurrency {level}"));
             let (l, ra) = s.level(level, n, goal_ms).await?;
             let ok = l.good;
             let rps = l.throughput_rps;
@@ -752,6 +768,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
             let mut lo = good;
             while hi > lo + 1 && s.left() >= (2 * (lo + hi) as u64 / 2).max(4) && !s.out_of_time() {
                 let mid = (lo + hi) / 2;
+                s.say(&format!("bisection: concurrency {mid}"));
                 let (l, ra) = s.level(mid, (2 * mid as u64).max(4), goal_ms).await?;
                 let ok = l.good;
                 curve.push(l);
@@ -770,6 +787,7 @@ pub async fn tune(probe: &EndpointProbe) -> Result<EndpointRecord> {
     }
     let concurrency = good.max(1);
     let throttles = s.throttles.load(Ordering::Relaxed);
+    s.say("done");
     let complete = !stop_reason.contains("budget");
     let confidence = (if complete { 1.0 } else { 0.7 })
         * (if curve.iter().filter(|l| l.good).count() >= 2 {

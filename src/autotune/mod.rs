@@ -27,11 +27,99 @@ pub mod tensor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Where a tuning stands: its phase and how much of its budget is used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// What it is doing (`correctness gate`, `concurrency 4`…; `done` at the end).
+    pub phase: String,
+    /// Budget used: milliseconds for tensors, requests for endpoints.
+    pub done: u64,
+    /// The whole budget, in the same unit.
+    pub total: u64,
+    /// `ms` or `requests`.
+    pub unit: &'static str,
+}
+
+/// Receives a tuning's [`Progress`] as it goes; [`OnProgress::terminal`] draws a bar.
+///
+/// # Examples
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use hyperfunc::autotune::{OnProgress, Progress};
+///
+/// let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+/// let s = seen.clone();
+/// let on = OnProgress::new(move |p: &Progress| s.lock().unwrap().push(p.phase.clone()));
+/// on.report("noise", 10, 1000, "ms");
+/// assert_eq!(seen.lock().unwrap().as_slice(), ["noise"]);
+/// ```
+#[derive(Clone)]
+pub struct OnProgress(Arc<dyn Fn(&Progress) + Send + Sync>);
+
+impl OnProgress {
+    /// Calls `f` with every update.
+    pub fn new(f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// A progress bar on stderr (nothing when stderr is not a terminal): the phase and what is
+    /// left of the budget; cleared at `done`.
+    pub fn terminal() -> Self {
+        use std::io::IsTerminal;
+        let bar = if std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template("autotune {bar:30} {msg}") {
+            bar.set_style(style);
+        }
+        Self::new(move |p| {
+            if p.phase == "done" {
+                bar.finish_and_clear();
+                return;
+            }
+            bar.set_length(p.total);
+            bar.set_position(p.done.min(p.total));
+            let left = p.total.saturating_sub(p.done);
+            let left = if p.unit == "ms" {
+                format!("{:.1} s left", left as f64 / 1e3)
+            } else {
+                format!("{left} {} left", p.unit)
+            };
+            bar.set_message(format!("{}  ({left})", p.phase));
+        })
+    }
+
+    /// Sends one update.
+    pub fn report(&self, phase: &str, done: u64, total: u64, unit: &'static str) {
+        (self.0)(&Progress {
+            phase: phase.to_string(),
+            done,
+            total,
+            unit,
+        });
+    }
+}
+
+impl std::fmt::Debug for OnProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnProgress(..)")
+    }
+}
+
+impl PartialEq for OnProgress {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 /// What the machine is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

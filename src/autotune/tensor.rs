@@ -220,6 +220,8 @@ pub struct Options {
     pub tolerance: f32,
     /// Shortest timing sample (evaluations are repeated until it has passed).
     pub min_sample: std::time::Duration,
+    /// Where to report progress (the CLI draws a bar); `None`: silent.
+    pub progress: Option<super::OnProgress>,
 }
 
 impl Options {
@@ -236,6 +238,7 @@ impl Options {
                 Mode::Normal => 80,
                 Mode::Full => 150,
             }),
+            progress: None,
         }
     }
 }
@@ -308,7 +311,15 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     let default = TensorSettings::default();
     let time = |s: &TensorSettings| sample(probe, s, opts.min_sample);
     let bytes = |s: &TensorSettings| (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64;
+    let budget_ms = budget.as_millis() as u64;
+    let say = |phase: &str| {
+        if let Some(p) = &opts.progress {
+            let used = (started.elapsed().as_millis() as u64).min(budget_ms);
+            p.report(phase, used, budget_ms, "ms");
+        }
+    };
     // Reference fitness and timing noise of the default.
+    say("noise of the default");
     let (_, reference) = time(&default)?;
     let mut base = Vec::new();
     for _ in 0..5 {
@@ -354,8 +365,10 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     // Correctness gate.
     let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
+    let gate = live.len();
     live.retain(|s| {
         checked += 1;
+        say(&format!("correctness gate {checked}/{gate}"));
         let (rate, f) = match time(s) {
             Ok(x) => x,
             Err(e) => {
@@ -380,6 +393,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             stop_reason = "budget".into();
             break;
         }
+        say(&format!("successive halving: {} candidates", live.len()));
         for _ in 0..reps {
             live.shuffle(&mut rng);
             for s in &live {
@@ -401,6 +415,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .max_by(|a, b| median(&times[a]).total_cmp(&median(&times[b])))
         .unwrap_or(default);
     if !over() {
+        say("local search around the leader");
         let mut near = Vec::new();
         for (t, b) in [(2, 1), (1, 2)] {
             let up = TensorSettings {
@@ -450,6 +465,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .max_by(|a, b| median(a.1).total_cmp(&median(b.1)))
         .map_or(default, |(s, _)| *s);
     // Final: leader against the default, interleaved, paired.
+    say("final: the leader against the default");
     let (lead_t, def_t) = if leader != default {
         paired(
             probe,
@@ -523,6 +539,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         },
     );
     let confidence = factors.values().product::<f64>();
+    say("done");
     Ok(Record {
         key: probe.key().to_string(),
         fingerprint: profile.fingerprint(),

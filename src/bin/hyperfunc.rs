@@ -439,6 +439,7 @@ fn autotune_tensor(a: &TensorArgs) -> Result<(), Box<dyn std::error::Error>> {
             hyperfunc::autotune::tensor::Probe::key(&probe),
             opts.budget.unwrap_or(mode.budget())
         );
+        opts.progress = Some(hyperfunc::autotune::OnProgress::terminal());
         let r = tensor::tune(&probe, &opts)?;
         if !a.json {
             println!("{}", r.to_markdown());
@@ -484,6 +485,7 @@ fn autotune_endpoint(
     if let Some(b) = budget {
         probe.budget = b;
     }
+    probe.progress = Some(hyperfunc::autotune::OnProgress::terminal());
     let rt = tokio::runtime::Runtime::new()?;
     let r = rt.block_on(endpoint::tune(&probe))?;
     if json {

@@ -75,7 +75,23 @@ fn the_correctness_gate_rejects_a_wrong_kernel_variant() {
     };
     let mut opts = quick();
     opts.mode = Mode::Full;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    opts.progress = Some(hyperfunc::autotune::OnProgress::new(move |p| {
+        s.lock().unwrap().push(p.clone())
+    }));
     let r = tensor::tune(&probe, &opts).unwrap();
+    // Progress: the phases in order, the budget used growing, `done` last.
+    let seen = seen.lock().unwrap();
+    let phases: Vec<&str> = seen.iter().map(|p| p.phase.as_str()).collect();
+    assert_eq!(phases[0], "noise of the default");
+    assert!(phases[1].starts_with("correctness gate 1/"), "{phases:?}");
+    assert!(phases.iter().any(|p| p.starts_with("final")), "{phases:?}");
+    assert_eq!(phases.last(), Some(&"done"));
+    assert!(seen
+        .windows(2)
+        .all(|w| w[0].done <= w[1].done && w[1].done <= w[1].total));
+    assert!(seen.iter().all(|p| p.total == 3000 && p.unit == "ms"));
     let broken: Vec<_> = r
         .candidates
         .iter()
@@ -652,7 +668,36 @@ async fn tuned_settings_reach_the_capacity_with_no_429_surfaced_to_callers() {
     let server = capacity_server::start(6, Duration::from_millis(60)).await;
     let mut probe = EndpointProbe::new(&server.base_url, None, "cap-model");
     probe.max_requests = 120;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    probe.progress = Some(hyperfunc::autotune::OnProgress::new(move |p| {
+        s.lock().unwrap().push(p.clone())
+    }));
     let r = tune(&probe).await.unwrap();
+    // Progress: each phase with the requests sent so far, out of the budget.
+    let seen = seen.lock().unwrap().clone();
+    let phases: Vec<&str> = seen.iter().map(|p| p.phase.as_str()).collect();
+    assert_eq!(
+        phases[..5],
+        [
+            "model list",
+            "declared limits",
+            "latency and prompt sizes",
+            "max_tokens sweep",
+            "concurrency 1"
+        ],
+        "{phases:?}"
+    );
+    assert!(
+        phases.iter().any(|p| p.starts_with("bisection")),
+        "{phases:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.phase.as_str(), last.done, last.total),
+        ("done", r.requests_sent, 120)
+    );
+    assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
     // Bisection between 4 (good) and 8 (the first 429) ends at the capacity.
     assert_eq!(r.concurrency, 6, "{}", r.to_markdown());
     assert!(r.throttles <= 5, "{}", r.to_markdown());
