@@ -100,6 +100,14 @@ pub(crate) fn forward(
             } else {
                 (w.clone(), b.clone())
             };
+            // The other low-rank kernel: form each candidate's weights in the tile, then the
+            // dense per-candidate GEMMs (the same values, another speed).
+            let w = match w {
+                ParamChunk::LowRank { .. } if materialize_low_rank() => {
+                    ParamChunk::PerCandidate(w.materialize(tc).at(name)?)
+                }
+                w => w,
+            };
             let next = if kernels::on_cpu_f32(&x.t) {
                 check_input(name, &x, l.inp, tc)?;
                 let d = if i == last { dst.take() } else { None };
@@ -236,6 +244,20 @@ pub(crate) fn linear(
 
 /// The default tile: 128 Ki floats = 512 KiB.
 pub(crate) const DEFAULT_TILE_FLOATS: usize = 128 * 1024;
+
+/// Low-rank weights formed per candidate instead of the shared GEMM + correction (set at run
+/// time by autotune; results are the same up to rounding, only speed differs).
+static MATERIALIZE_LOW_RANK: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+fn materialize_low_rank() -> bool {
+    MATERIALIZE_LOW_RANK.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the low-rank kernel for the whole process (true: materialize); returns the previous.
+pub(crate) fn set_materialize_low_rank(on: bool) -> bool {
+    MATERIALIZE_LOW_RANK.swap(on, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A tile size set at run time (0: none).
 static TILE_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -290,7 +290,7 @@ pub(crate) fn machine_fingerprint() -> &'static str {
 pub(crate) struct InUse {
     record: Option<Record>,
     store: Option<Store>,
-    prev_tile: Option<usize>,
+    prev: Option<(Option<usize>, bool)>,
     note: Option<String>,
 }
 
@@ -306,7 +306,7 @@ impl InUse {
         let Some(record) = store.lookup(&key, machine_fingerprint()) else {
             return Self::default();
         };
-        let prev_tile = crate::layers::set_tile_floats(Some(record.settings.tile_floats));
+        let prev = record.settings.apply();
         tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
         Self {
             note: Some(format!(
@@ -315,7 +315,7 @@ impl InUse {
             )),
             record: Some(record),
             store: Some(store),
-            prev_tile,
+            prev: Some(prev),
         }
     }
 
@@ -358,7 +358,9 @@ impl InUse {
 
     fn release(&mut self) {
         if self.record.take().is_some() {
-            crate::layers::set_tile_floats(self.prev_tile.take());
+            if let Some(prev) = self.prev.take() {
+                TensorSettings::restore(prev);
+            }
         }
     }
 }
@@ -400,6 +402,20 @@ impl Mode {
     }
 }
 
+/// How a layer with low-rank noise computes its candidates' outputs.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LowRankKernel {
+    /// One GEMM with the shared weights plus a rank-r correction per candidate (the fast path).
+    #[default]
+    SharedGemm,
+    /// Each candidate's weights formed in the tile, then dense per-candidate GEMMs (faster when
+    /// the rank is close to the layer's width).
+    Materialize,
+}
+
 /// The settings a tensor population evaluation depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TensorSettings {
@@ -407,6 +423,9 @@ pub struct TensorSettings {
     pub tile_floats: usize,
     /// Candidate × example rows per batched forward (`Es::max_batch_size`).
     pub max_batch_size: usize,
+    /// The kernel of layers with low-rank noise (no effect on dense noise).
+    #[serde(default)]
+    pub low_rank: LowRankKernel,
 }
 
 impl Default for TensorSettings {
@@ -414,7 +433,24 @@ impl Default for TensorSettings {
         Self {
             tile_floats: crate::layers::DEFAULT_TILE_FLOATS,
             max_batch_size: crate::es::DEFAULT_MAX_BATCH_SIZE,
+            low_rank: LowRankKernel::SharedGemm,
         }
+    }
+}
+
+impl TensorSettings {
+    /// Puts these settings in force for the whole process; what to restore.
+    pub(crate) fn apply(&self) -> (Option<usize>, bool) {
+        (
+            crate::layers::set_tile_floats(Some(self.tile_floats)),
+            crate::layers::set_materialize_low_rank(self.low_rank == LowRankKernel::Materialize),
+        )
+    }
+
+    /// Restores what [`TensorSettings::apply`] returned.
+    pub(crate) fn restore(prev: (Option<usize>, bool)) {
+        crate::layers::set_tile_floats(prev.0);
+        crate::layers::set_materialize_low_rank(prev.1);
     }
 }
 
@@ -425,7 +461,11 @@ impl std::fmt::Display for TensorSettings {
             "tile {} Ki floats, {} rows per batch",
             self.tile_floats / 1024,
             self.max_batch_size
-        )
+        )?;
+        if self.low_rank == LowRankKernel::Materialize {
+            write!(f, ", low-rank weights materialized")?;
+        }
+        Ok(())
     }
 }
 
@@ -509,12 +549,16 @@ impl Record {
             self.stop_reason,
             self.seconds
         );
-        s.push_str("| tile Ki floats | rows/batch | M evals/s | % of best | runs | excluded |\n|---:|---:|---:|---:|---:|---|\n");
+        s.push_str("| tile Ki floats | rows/batch | low-rank kernel | M evals/s | % of best | runs | excluded |\n|---:|---:|---|---:|---:|---:|---|\n");
         for c in &self.candidates {
             s.push_str(&format!(
-                "| {} | {} | {:.3} | {:.1}% | {} | {} |\n",
+                "| {} | {} | {} | {:.3} | {:.1}% | {} | {} |\n",
                 c.settings.tile_floats / 1024,
                 c.settings.max_batch_size,
+                match c.settings.low_rank {
+                    LowRankKernel::SharedGemm => "shared GEMM",
+                    LowRankKernel::Materialize => "materialize",
+                },
                 c.evals_per_sec / 1e6,
                 c.pct_of_best,
                 c.runs,

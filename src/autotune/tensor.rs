@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use super::{Candidate, Mode, Record, SystemProfile, TensorSettings};
+use super::{Candidate, LowRankKernel, Mode, Record, SystemProfile, TensorSettings};
 use crate::error::{Error, Result};
 use crate::prelude::*;
 use crate::util::median;
@@ -92,6 +92,10 @@ pub trait Probe {
     fn bytes_per_row(&self) -> usize;
     /// Runs one evaluation under `settings`; the fitness vector.
     fn run(&self, settings: &TensorSettings) -> Result<Vec<f32>>;
+    /// Whether a layer has low-rank noise (then the low-rank kernel is a knob too).
+    fn low_rank(&self) -> bool {
+        false
+    }
     /// The command that reproduces the tuning.
     fn command(&self) -> String;
 }
@@ -178,8 +182,12 @@ impl Probe for MlpProbe {
         4 * (self.sizes[0] + 2 * widest + self.sizes[self.sizes.len() - 1])
     }
 
+    fn low_rank(&self) -> bool {
+        self.rank.is_some()
+    }
+
     fn run(&self, s: &TensorSettings) -> Result<Vec<f32>> {
-        let prev = crate::layers::set_tile_floats(Some(s.tile_floats));
+        let prev = s.apply();
         let ce = crate::metric::cross_entropy();
         let out = self.rt.block_on(crate::population::evaluate_population(
             &self.net,
@@ -188,7 +196,7 @@ impl Probe for MlpProbe {
             &ce,
             s.max_batch_size,
         ));
-        crate::layers::set_tile_floats(prev);
+        TensorSettings::restore(prev);
         Ok(out?.fitness)
     }
 
@@ -252,6 +260,7 @@ fn grid(evals: usize) -> Vec<TensorSettings> {
             let s = TensorSettings {
                 tile_floats: tile_k * 1024,
                 max_batch_size: batch.max(1),
+                ..d
             };
             if !out.contains(&s) {
                 out.push(s);
@@ -362,6 +371,19 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             live.push(s);
         }
     }
+    // With low-rank noise the kernel is a knob: the other kernel at the default and at the
+    // analytic leader.
+    if probe.low_rank() {
+        let twins: Vec<TensorSettings> = live
+            .iter()
+            .take(2)
+            .map(|s| TensorSettings {
+                low_rank: LowRankKernel::Materialize,
+                ..*s
+            })
+            .collect();
+        live.extend(twins);
+    }
     // Correctness gate.
     let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
@@ -417,14 +439,26 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     if !over() {
         say("local search around the leader");
         let mut near = Vec::new();
+        let flip = TensorSettings {
+            low_rank: match leader.low_rank {
+                LowRankKernel::SharedGemm => LowRankKernel::Materialize,
+                LowRankKernel::Materialize => LowRankKernel::SharedGemm,
+            },
+            ..leader
+        };
+        if probe.low_rank() && !times.contains_key(&flip) && !candidates.contains_key(&flip) {
+            near.push(flip);
+        }
         for (t, b) in [(2, 1), (1, 2)] {
             let up = TensorSettings {
                 tile_floats: leader.tile_floats * t,
                 max_batch_size: leader.max_batch_size * b,
+                ..leader
             };
             let down = TensorSettings {
                 tile_floats: (leader.tile_floats / t).max(1024),
                 max_batch_size: (leader.max_batch_size / b).max(1),
+                ..leader
             };
             for s in [up, down] {
                 if s != leader

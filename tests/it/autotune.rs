@@ -108,6 +108,45 @@ fn the_correctness_gate_rejects_a_wrong_kernel_variant() {
 }
 
 #[test]
+fn with_low_rank_noise_the_kernel_is_a_knob_that_gives_the_same_fitness() {
+    use hyperfunc::autotune::LowRankKernel;
+    // Rank 8 of a 32-wide layer: both kernels are plausible winners.
+    let probe = MlpProbe::new(&[32, 32, 4], 32, 32, Some(8)).unwrap();
+    let shared = TensorSettings::default();
+    let formed = TensorSettings {
+        low_rank: LowRankKernel::Materialize,
+        ..shared
+    };
+    let (a, b) = (probe.run(&shared).unwrap(), probe.run(&formed).unwrap());
+    assert_eq!(a.len(), 32);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "the kernels disagree by {worst}");
+    let r = tensor::tune(&probe, &quick()).unwrap();
+    let timed = |k| {
+        r.candidates
+            .iter()
+            .any(|c| c.settings.low_rank == k && c.excluded.is_none() && c.runs > 0)
+    };
+    assert!(
+        timed(LowRankKernel::Materialize) && timed(LowRankKernel::SharedGemm),
+        "{}",
+        r.to_markdown()
+    );
+    assert!(r.to_markdown().contains("materialize"));
+    // Dense noise: the knob does not exist.
+    let dense = MlpProbe::new(&[32, 32, 4], 32, 32, None).unwrap();
+    let r = tensor::tune(&dense, &quick()).unwrap();
+    assert!(r
+        .candidates
+        .iter()
+        .all(|c| c.settings.low_rank == LowRankKernel::SharedGemm));
+}
+
+#[test]
 fn settings_over_the_memory_budget_are_skipped_without_running() {
     let probe = Rigged {
         inner: MlpProbe::new(&[16, 8, 4], 64, 64, None).unwrap(),
@@ -243,6 +282,7 @@ fn optimize_uses_a_saved_record_and_drops_a_stale_one() {
     r.settings = TensorSettings {
         tile_floats: 64 * 1024,
         max_batch_size: 64,
+        ..TensorSettings::default()
     };
     r.evals_per_sec = 1.0; // any machine beats this
     store.save(&r, true).unwrap();
