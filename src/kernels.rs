@@ -318,9 +318,27 @@ fn bias_act_inline(block: &mut [f32], bias: &[f32], act: Activation) {
 
 simd_dispatch!(
     /// Adds one candidate's low-rank term in place: `block[n, out] += xb_n · aᵀ`, where row n's
-    /// factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[out, r]`.
+    /// factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[r, out]` (see
+    /// [`rank_major`]).
     fn low_rank_add / low_rank_add_avx2(block: &mut [f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_add_inline
 );
+
+/// Each candidate's `[out, r]` factor of `a` (`pc` of them, back to back) as `[r, out]`, so
+/// that [`low_rank_add`] reads contiguous rows; for rank 1 the layouts are the same.
+pub(crate) fn rank_major(a: Vec<f32>, out: usize, r: usize) -> Vec<f32> {
+    if r <= 1 {
+        return a;
+    }
+    let mut t = vec![0.0f32; a.len()];
+    for (src, dst) in a.chunks_exact(out * r).zip(t.chunks_exact_mut(out * r)) {
+        for o in 0..out {
+            for j in 0..r {
+                dst[j * out + o] = src[o * r + j];
+            }
+        }
+    }
+    t
+}
 
 #[inline(always)]
 fn low_rank_add_inline(
@@ -334,17 +352,11 @@ fn low_rank_add_inline(
     let out = a.len() / r.max(1);
     for (n, row) in block.chunks_exact_mut(out).enumerate() {
         let f = &xb[n * stride + off..n * stride + off + r];
-        if r == 1 {
-            let s = f[0];
+        // `a` is r × out (rank-major): each term runs over a contiguous row, vectorized.
+        for (&s, aj) in f.iter().zip(a.chunks_exact(out)) {
             row.iter_mut()
-                .zip(a)
+                .zip(aj)
                 .for_each(|(v, &a)| *v = s.mul_add(a, *v));
-        } else {
-            for (j, &s) in f.iter().enumerate() {
-                row.iter_mut()
-                    .zip(a.iter().skip(j).step_by(r))
-                    .for_each(|(v, &a)| *v = s.mul_add(a, *v));
-            }
         }
     }
 }
@@ -448,6 +460,26 @@ mod tests {
             for j in 0..4 {
                 let want: f32 = (0..3).map(|l| a[i * 3 + l] * b[j * 3 + l]).sum();
                 assert_eq!(out[i * 4 + j], want);
+            }
+        }
+    }
+
+    #[test]
+    fn low_rank_add_matches_the_naive_product_for_every_rank() {
+        for r in [1usize, 2, 3, 8] {
+            let (n, out) = (5usize, 7usize);
+            let a: Vec<f32> = (0..out * r).map(|v| (v as f32 * 0.37).sin()).collect(); // [out, r]
+            let xb: Vec<f32> = (0..n * r).map(|v| (v as f32 * 0.11).cos()).collect(); // [n, r]
+            let mut block: Vec<f32> = (0..n * out).map(|v| v as f32 * 0.01).collect();
+            let want: Vec<f32> = (0..n * out)
+                .map(|i| {
+                    let (row, o) = (i / out, i % out);
+                    block[i] + (0..r).map(|j| xb[row * r + j] * a[o * r + j]).sum::<f32>()
+                })
+                .collect();
+            low_rank_add(&mut block, &xb, r, 0, &rank_major(a, out, r), r);
+            for (g, w) in block.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "rank {r}: {g} vs {w}");
             }
         }
     }

@@ -388,7 +388,10 @@ fn linear_cpu(
             }),
             ParamChunk::LowRank { base, a, b: fb } => {
                 let r = a.dim(2).at(name)?;
-                let (av, bv) = (vec_of(a, name)?, vec_of(fb, name)?);
+                let (av, bv) = (
+                    kernels::rank_major(vec_of(a, name)?, out, r),
+                    vec_of(fb, name)?,
+                );
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
                     if x.batched {

@@ -21,6 +21,7 @@
 //! # Ok::<(), hyperfunc::Error>(())
 //! ```
 
+pub mod bench;
 #[cfg(feature = "llm")]
 pub mod endpoint;
 pub mod tensor;

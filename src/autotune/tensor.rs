@@ -600,6 +600,57 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
 /// One timing sample of `s`: evaluations per second over runs repeated for at least
 /// `min_sample` (so short evaluations are not timed at the clock's resolution), and the first
 /// run's fitness.
+/// The exhaustive sweep the quick search is judged against: every setting of the grid (with the
+/// other low-rank kernel too when the probe has low-rank noise) within the memory budget, timed
+/// in `rounds` interleaved rounds (shuffled each round, so drift hits all alike), plus `extra`
+/// settings; each setting with its median evaluations per second, best first.
+pub fn exhaustive(
+    probe: &dyn Probe,
+    opts: &Options,
+    rounds: usize,
+    extra: &[TensorSettings],
+) -> Result<Vec<(TensorSettings, f64)>> {
+    let evals = probe.evals();
+    let profile = SystemProfile::detect();
+    let mem_budget = opts
+        .memory_budget
+        .unwrap_or_else(|| (profile.ram_available_bytes / 4).max(256 << 20));
+    let mut all: Vec<TensorSettings> = grid(evals)
+        .into_iter()
+        .filter(|s| (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64 <= mem_budget)
+        .collect();
+    if probe.low_rank() {
+        let twins: Vec<TensorSettings> = all
+            .iter()
+            .map(|s| TensorSettings {
+                low_rank: LowRankKernel::Materialize,
+                ..*s
+            })
+            .collect();
+        all.extend(twins);
+    }
+    for s in extra {
+        if !all.contains(s) {
+            all.push(*s);
+        }
+    }
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
+    let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
+    for _ in 0..rounds.max(1) {
+        all.shuffle(&mut rng);
+        for s in &all {
+            times
+                .entry(*s)
+                .or_default()
+                .push(sample(probe, s, opts.min_sample)?.0);
+        }
+    }
+    let mut out: Vec<(TensorSettings, f64)> =
+        times.into_iter().map(|(s, v)| (s, median(&v))).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(out)
+}
+
 fn sample(
     probe: &dyn Probe,
     s: &TensorSettings,

@@ -27,6 +27,19 @@ enum Command {
         #[arg(long, default_value_t = hyperfunc::es::DEFAULT_MAX_BATCH_SIZE)]
         max_batch_size: usize,
     },
+    /// Autotune against an exhaustive sweep on 8 shape keys: quick mode's choice vs the best
+    /// (% of its rate, time ratio), two quick runs vs each other, a cache hit's cost.
+    BenchAutotune {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// 2 small keys and short timings (smoke test).
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved rounds of the exhaustive sweep.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// The LLM path: the limiter's overhead per call and, with --url, the request rate achieved
     /// against a server that limits requests per fixed window.
     #[cfg(feature = "llm")]
@@ -1046,6 +1059,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", hyperfunc::bench::render(&report));
+            }
+        }
+        Command::BenchAutotune {
+            json,
+            quick,
+            rounds,
+        } => {
+            use hyperfunc::autotune::bench;
+            let min_sample = std::time::Duration::from_millis(if quick { 2 } else { 40 });
+            let b = bench::run(&bench::suite(quick), min_sample, rounds)?;
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+            } else {
+                print!("{}", bench::render(&b));
             }
         }
         #[cfg(feature = "llm")]

@@ -796,3 +796,26 @@ fn verify_times_a_record_again_and_flags_a_broken_promise() {
             .stale
     );
 }
+
+#[test]
+fn the_bench_judges_quick_choices_by_the_exhaustive_sweeps_timings() {
+    use hyperfunc::autotune::bench;
+    let specs = bench::suite(true);
+    assert_eq!(bench::suite(false).len(), 8);
+    let b = bench::run(&specs, Duration::from_millis(1), 1).unwrap();
+    assert_eq!(b.keys.len(), 2);
+    for k in &b.keys {
+        // The sweep timed the quick choices too, so none can beat its best.
+        assert!(
+            k.quick_pct_of_best > 0.0 && k.quick_pct_of_best <= 100.0 + 1e-9,
+            "{k:?}"
+        );
+        assert!((0.0..=100.0).contains(&k.repeat_gap_pct), "{k:?}");
+        assert!(k.time_ratio > 0.0 && k.best_evals_per_sec > 0.0, "{k:?}");
+    }
+    // The dense key has the grid; the low-rank one each setting with both kernels.
+    assert!(b.keys[0].exhaustive_settings >= 35, "{:?}", b.keys[0]);
+    assert!(b.keys[1].exhaustive_settings >= 2 * 35, "{:?}", b.keys[1]);
+    assert!(b.cache_hit_us > 0.0 && b.cache_hit_us.is_finite());
+    assert!(bench::render(&b).contains("% of best"));
+}
