@@ -484,15 +484,29 @@ async fn a_spent_dollar_budget_stops_optimisation_cleanly() {
     assert!(matches!(e, LlmError::CostBudget { .. }), "{e:?}");
 }
 
-#[tokio::test]
-async fn run_rows_carry_llm_tokens_and_dollars_and_warn_before_the_budget_stops_it() {
-    let dir = std::env::temp_dir().join(format!("hf-llm-usage-{}", std::process::id()));
+/// A fresh run store, a config whose every call is paid for (no cache), one example and a
+/// constant metric: the setting of the tests that count a run's LLM spending.
+fn paid_runs(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    hyperfunc::runs::RunStore,
+    LlmConfig,
+    Examples,
+    impl Metric,
+) {
+    let dir = std::env::temp_dir().join(format!("hf-llm-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = hyperfunc::runs::RunStore::open(&dir).unwrap();
     let mut cfg = config("sk-hf-free", |_| {});
-    cfg.no_cache = true; // every candidate's call is paid for
+    cfg.no_cache = true;
     let ex = Examples::json(vec![json!("hi")], vec![json!("")]).unwrap();
-    let m = metric::per_example(|_, _| 1.0);
+    (dir, store, cfg, ex, metric::per_example(|_, _| 1.0))
+}
+
+#[tokio::test]
+async fn run_rows_carry_llm_tokens_and_dollars_and_warn_before_the_budget_stops_it() {
+    let (dir, store, cfg, ex, m) = paid_runs("usage");
     let es = Es::default()
         .pop_size(4)
         .generations(3)
@@ -563,13 +577,7 @@ async fn run_rows_carry_llm_tokens_and_dollars_and_warn_before_the_budget_stops_
 
 #[tokio::test]
 async fn the_run_budget_is_a_live_setting_that_stops_the_run_where_it_is_spent() {
-    let dir = std::env::temp_dir().join(format!("hf-llm-budget-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let store = hyperfunc::runs::RunStore::open(&dir).unwrap();
-    let mut cfg = config("sk-hf-free", |_| {});
-    cfg.no_cache = true; // every candidate's call is paid for
-    let ex = Examples::json(vec![json!("hi")], vec![json!("")]).unwrap();
-    let m = metric::per_example(|_, _| 1.0);
+    let (dir, store, cfg, ex, m) = paid_runs("budget");
     let c = LlmClient::new(cfg).unwrap();
     let sys = Chain::new(vec![HyperFn::llm("greet", &c, "mock-gpt")]);
     let es = Es::default()
