@@ -145,7 +145,10 @@ pub(crate) fn forward(
         })
         .max()
         .unwrap_or(1);
-    let tc = (tile_floats() / (n * widest).max(1)).clamp(1, pc);
+    // Candidates per tile: what fits the tile, but no more than a worker's share, so that a
+    // small population still keeps every worker busy.
+    let share = pc.div_ceil(rayon::current_num_threads().max(1));
+    let tc = (tile_floats() / (n * widest).max(1)).clamp(1, share.max(1));
     let out = layers[layers.len() - 1].out;
     let mut y = vec![0.0f32; pc * n * out];
     y.par_chunks_mut(tc * n * out)
