@@ -323,11 +323,12 @@ simd_dispatch!(
     fn low_rank_add / low_rank_add_avx2(block: &mut [f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_add_inline
 );
 
-/// Each candidate's `[out, r]` factor of `a` (`pc` of them, back to back) as `[r, out]`, so
-/// that [`low_rank_add`] reads contiguous rows; for rank 1 the layouts are the same.
-pub(crate) fn rank_major(a: Vec<f32>, out: usize, r: usize) -> Vec<f32> {
+/// Each candidate's `[out, r]` factor of `a` (`pc` of them, back to back) copied as
+/// `[r, out]`, so that [`low_rank_add`] reads contiguous rows; for rank 1 the layouts are the
+/// same.
+pub(crate) fn rank_major(a: &[f32], out: usize, r: usize) -> Vec<f32> {
     if r <= 1 {
-        return a;
+        return a.to_vec();
     }
     let mut t = vec![0.0f32; a.len()];
     for (src, dst) in a.chunks_exact(out * r).zip(t.chunks_exact_mut(out * r)) {
@@ -477,7 +478,7 @@ mod tests {
                     block[i] + (0..r).map(|j| xb[row * r + j] * a[o * r + j]).sum::<f32>()
                 })
                 .collect();
-            low_rank_add(&mut block, &xb, r, 0, &rank_major(a, out, r), r);
+            low_rank_add(&mut block, &xb, r, 0, &rank_major(&a, out, r), r);
             for (g, w) in block.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "rank {r}: {g} vs {w}");
             }

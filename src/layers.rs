@@ -391,10 +391,9 @@ fn linear_cpu(
             }),
             ParamChunk::LowRank { base, a, b: fb } => {
                 let r = a.dim(2).at(name)?;
-                let (av, bv) = (
-                    kernels::rank_major(vec_of(a, name)?, out, r),
-                    vec_of(fb, name)?,
-                );
+                // One copy of the factor, laid out rank-major as it is read.
+                let av = with_slice(a, name, |s| kernels::rank_major(s, out, r))?;
+                let bv = vec_of(fb, name)?;
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
                     if x.batched {

@@ -804,11 +804,7 @@ impl Es {
             if g >= run.es.generations {
                 break;
             }
-            let (tokens, usd) = self.llm_usage();
-            let spent = (
-                usage_offset.0 + tokens.saturating_sub(usage_base.0),
-                usage_offset.1 + (usd - usage_base.1).max(0.0),
-            );
+            let spent = crate::runs::run_spending(usage_offset, usage_base, self.llm_usage());
             if let Some(why) = run.es.budget_spent(spent).filter(|_| self.replay.is_none()) {
                 (stop, stop_detail) = (StopReason::Budget, Some(why));
                 break;

@@ -66,7 +66,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use experiment::{Comparison, DatasetVersion, Evaluation};
-pub(crate) use record::{Flow, Recorder, Restored};
+pub(crate) use record::{run_spending, Flow, Recorder, Restored};
 pub use schema::RunConfig;
 
 use crate::error::{Error, Result};

@@ -28,6 +28,15 @@ const PLATEAU: usize = 50;
 const RATIO: f64 = 50.0;
 
 /// Go on, or stop at this boundary (and why).
+/// A run's LLM `(tokens, dollars)`: what earlier sessions spent (`offset`) plus what the
+/// clients counted since this session's zero (`base`), given their counters `now`.
+pub(crate) fn run_spending(offset: (u64, f64), base: (u64, f64), now: (u64, f64)) -> (u64, f64) {
+    (
+        offset.0 + now.0.saturating_sub(base.0),
+        offset.1 + (now.1 - base.1).max(0.0),
+    )
+}
+
 /// The live settings that count LLM spending.
 const BUDGETS: [&str; 2] = ["max_cost_usd", "max_tokens"];
 
@@ -571,9 +580,7 @@ impl Recorder {
         let Some((tokens, usd)) = self.client_usage() else {
             return Ok(());
         };
-        let (t0, d0) = self.usage_base;
-        let (to, dof) = self.usage_offset;
-        let spent = (to + tokens.saturating_sub(t0), dof + (usd - d0).max(0.0));
+        let spent = run_spending(self.usage_offset, self.usage_base, (tokens, usd));
         if let Some(row) = self.rows.last_mut() {
             row.tokens = Some(spent.0);
             row.usd = Some(spent.1);
