@@ -68,7 +68,9 @@ pub(crate) fn forward(
     layers: &[Layer],
     params: Vec<ParamChunk>,
     pc: usize,
+    kernel: Kernel,
 ) -> Result<Act> {
+    let tile_floats = kernel.tile_floats();
     let mut it = params.into_iter();
     let mut per_layer = Vec::with_capacity(layers.len());
     for l in layers {
@@ -103,7 +105,7 @@ pub(crate) fn forward(
             // The other low-rank kernel: form each candidate's weights in the tile, then the
             // dense per-candidate GEMMs (the same values, another speed).
             let w = match w {
-                ParamChunk::LowRank { .. } if materialize_low_rank() => {
+                ParamChunk::LowRank { .. } if kernel.materialize_low_rank => {
                     ParamChunk::PerCandidate(w.materialize(tc).at(name)?)
                 }
                 w => w,
@@ -111,7 +113,7 @@ pub(crate) fn forward(
             let next = if kernels::on_cpu_f32(&x.t) {
                 check_input(name, &x, l.inp, tc)?;
                 let d = if i == last { dst.take() } else { None };
-                linear_cpu(name, &x, *l, &w, b.as_ref(), tc, d)?
+                linear_cpu(name, &x, *l, (&w, b.as_ref()), tc, d, tile_floats)?
             } else {
                 Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
             };
@@ -148,7 +150,7 @@ pub(crate) fn forward(
     // Candidates per tile: what fits the tile, but no more than a worker's share, so that a
     // small population still keeps every worker busy.
     let share = pc.div_ceil(rayon::current_num_threads().max(1));
-    let tc = (tile_floats() / (n * widest).max(1)).clamp(1, share.max(1));
+    let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
     let out = layers[layers.len() - 1].out;
     let mut y = vec![0.0f32; pc * n * out];
     y.par_chunks_mut(tc * n * out)
@@ -248,44 +250,32 @@ pub(crate) fn linear(
 /// The default tile: 128 Ki floats = 512 KiB.
 pub(crate) const DEFAULT_TILE_FLOATS: usize = 128 * 1024;
 
-/// Low-rank weights formed per candidate instead of the shared GEMM + correction (set at run
-/// time by autotune; results are the same up to rounding, only speed differs).
-static MATERIALIZE_LOW_RANK: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-fn materialize_low_rank() -> bool {
-    MATERIALIZE_LOW_RANK.load(std::sync::atomic::Ordering::Relaxed)
+/// How the CPU kernels run one population: speed only. Tiles never change results; the
+/// materialized low-rank kernel gives the same values up to rounding. It travels with the
+/// [`Population`](crate::Population), so two evaluations in one process never see each other's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Kernel {
+    /// Floats of activations per worker tile (`None`: `HYPERFUNC_TILE_FLOATS`, else
+    /// [`DEFAULT_TILE_FLOATS`]).
+    pub tile_floats: Option<usize>,
+    /// Low-rank weights formed per candidate instead of the shared GEMM + correction.
+    pub materialize_low_rank: bool,
 }
 
-/// Sets the low-rank kernel for the whole process (true: materialize); returns the previous.
-pub(crate) fn set_materialize_low_rank(on: bool) -> bool {
-    MATERIALIZE_LOW_RANK.swap(on, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// A tile size set at run time (0: none).
-static TILE_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Floats of GEMM output a worker keeps in cache per tile: the autotuned value in use, else
-/// `HYPERFUNC_TILE_FLOATS`, else [`DEFAULT_TILE_FLOATS`].
-fn tile_floats() -> usize {
-    static TILE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    match TILE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => *TILE.get_or_init(|| {
-            std::env::var("HYPERFUNC_TILE_FLOATS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| v > 0)
-                .unwrap_or(DEFAULT_TILE_FLOATS)
-        }),
-        n => n,
+impl Kernel {
+    /// The tile in floats this kernel uses.
+    fn tile_floats(self) -> usize {
+        static TILE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        self.tile_floats.filter(|&n| n > 0).unwrap_or_else(|| {
+            *TILE.get_or_init(|| {
+                std::env::var("HYPERFUNC_TILE_FLOATS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&v: &usize| v > 0)
+                    .unwrap_or(DEFAULT_TILE_FLOATS)
+            })
+        })
     }
-}
-
-/// Sets the tile size for the whole process (`None`: back to the environment or default);
-/// returns the previous override. Results do not depend on it, only speed.
-pub(crate) fn set_tile_floats(n: Option<usize>) -> Option<usize> {
-    let prev = TILE_OVERRIDE.swap(n.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
-    (prev != 0).then_some(prev)
 }
 
 fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
@@ -298,10 +288,10 @@ fn linear_cpu(
     name: &str,
     x: &Act,
     layer: Layer,
-    w: &ParamChunk,
-    b: Option<&ParamChunk>,
+    (w, b): (&ParamChunk, Option<&ParamChunk>),
     pc: usize,
     dst: Option<&mut [f32]>,
+    tile_floats: usize,
 ) -> Result<Option<Act>> {
     let (inp, out) = (layer.inp, layer.out);
     let n = x.t.dim(usize::from(x.batched)).at(name)?;
@@ -338,7 +328,7 @@ fn linear_cpu(
                 let wt_view = Mat::transposed(ws, inp, out);
                 if x.batched {
                     // One GEMM over all candidates' rows, in parallel row tiles of whole candidates.
-                    let tile = (tile_floats() / per.max(1)).max(1);
+                    let tile = (tile_floats / per.max(1)).max(1);
                     y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
                         let c0 = t * tile;
                         let rows = yc.len() / out;
@@ -368,7 +358,7 @@ fn linear_cpu(
                     });
                 } else {
                     // Fold a tile of candidates into the GEMM's columns: X · [W_p…]ᵀ, then scatter.
-                    let tile = (tile_floats() / per.max(1)).max(1);
+                    let tile = (tile_floats / per.max(1)).max(1);
                     let xv = Mat::rows(xs, n, inp);
                     y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
                         let c0 = t * tile;

@@ -76,15 +76,28 @@ pub struct Population {
     base: Theta,
     size: usize,
     perturb: BTreeMap<String, Perturbation>,
+    kernel: crate::layers::Kernel,
 }
 
 impl Population {
+    /// The same candidates, evaluated with another CPU kernel (speed only).
+    pub(crate) fn with_kernel(mut self, kernel: crate::layers::Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The CPU kernel this population is evaluated with.
+    pub(crate) fn kernel(&self) -> crate::layers::Kernel {
+        self.kernel
+    }
+
     /// A population of one: the given θ.
     pub fn center(theta: Theta) -> Self {
         Self {
             base: theta,
             size: 1,
             perturb: BTreeMap::new(),
+            kernel: crate::layers::Kernel::default(),
         }
     }
 
@@ -128,6 +141,7 @@ impl Population {
             base: first.clone(),
             size: thetas.len(),
             perturb,
+            kernel: crate::layers::Kernel::default(),
         })
     }
 
@@ -140,6 +154,7 @@ impl Population {
             base,
             size,
             perturb,
+            kernel: crate::layers::Kernel::default(),
         }
     }
 

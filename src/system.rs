@@ -504,7 +504,7 @@ impl Cx {
     ) -> Result<Value> {
         let name = f.name.as_str();
         let x = self.tensor_input(name, &input)?;
-        let x = layers::forward(name, x, layers, self.params(f)?, self.pc)?;
+        let x = layers::forward(name, x, layers, self.params(f)?, self.pc, self.pop.kernel())?;
         let id = self.record(name, NodeKind::Tensor, &[input.node]);
         let v = if x.batched {
             Value::batched(x.t)

@@ -285,13 +285,12 @@ pub(crate) fn machine_fingerprint() -> &'static str {
     FP.get_or_init(|| SystemProfile::detect().fingerprint())
 }
 
-/// The autotuned settings one `Es::optimize` uses. Looking a record up sets the process's tile
-/// size; dropping this puts it back, however the run ends.
+/// The autotuned settings one `Es::optimize` uses: its batch size, and the kernel its
+/// populations carry (nothing process-wide changes).
 #[derive(Default)]
 pub(crate) struct InUse {
     record: Option<Record>,
     store: Option<Store>,
-    prev: Option<(Option<usize>, bool)>,
     note: Option<String>,
 }
 
@@ -307,7 +306,6 @@ impl InUse {
         let Some(record) = store.lookup(&key, machine_fingerprint()) else {
             return Self::default();
         };
-        let prev = record.settings.apply();
         tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
         Self {
             note: Some(format!(
@@ -316,7 +314,6 @@ impl InUse {
             )),
             record: Some(record),
             store: Some(store),
-            prev: Some(prev),
         }
     }
 
@@ -357,18 +354,16 @@ impl InUse {
         self.note.take()
     }
 
-    fn release(&mut self) {
-        if self.record.take().is_some() {
-            if let Some(prev) = self.prev.take() {
-                TensorSettings::restore(prev);
-            }
-        }
+    /// The kernel the record sets (the default when there is none or it was dropped).
+    pub(crate) fn kernel(&self) -> crate::layers::Kernel {
+        self.record
+            .as_ref()
+            .map(|r| r.settings.kernel())
+            .unwrap_or_default()
     }
-}
 
-impl Drop for InUse {
-    fn drop(&mut self) {
-        self.release();
+    fn release(&mut self) {
+        self.record = None;
     }
 }
 
@@ -440,18 +435,12 @@ impl Default for TensorSettings {
 }
 
 impl TensorSettings {
-    /// Puts these settings in force for the whole process; what to restore.
-    pub(crate) fn apply(&self) -> (Option<usize>, bool) {
-        (
-            crate::layers::set_tile_floats(Some(self.tile_floats)),
-            crate::layers::set_materialize_low_rank(self.low_rank == LowRankKernel::Materialize),
-        )
-    }
-
-    /// Restores what [`TensorSettings::apply`] returned.
-    pub(crate) fn restore(prev: (Option<usize>, bool)) {
-        crate::layers::set_tile_floats(prev.0);
-        crate::layers::set_materialize_low_rank(prev.1);
+    /// The CPU kernel these settings describe (it travels with a population).
+    pub(crate) fn kernel(&self) -> crate::layers::Kernel {
+        crate::layers::Kernel {
+            tile_floats: Some(self.tile_floats),
+            materialize_low_rank: self.low_rank == LowRankKernel::Materialize,
+        }
     }
 }
 

@@ -187,16 +187,15 @@ impl Probe for MlpProbe {
     }
 
     fn run(&self, s: &TensorSettings) -> Result<Vec<f32>> {
-        let prev = s.apply();
+        let pop = self.pop.clone().with_kernel(s.kernel());
         let ce = crate::metric::cross_entropy();
         let out = self.rt.block_on(crate::population::evaluate_population(
             &self.net,
-            &self.pop,
+            &pop,
             &self.examples,
             &ce,
             s.max_batch_size,
         ));
-        TensorSettings::restore(prev);
         Ok(out?.fitness)
     }
 

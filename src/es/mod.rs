@@ -775,7 +775,7 @@ impl Es {
         let mut stop = StopReason::Generations;
         let mut stop_detail = None;
         // Autotuned settings apply unless the batch size was set or θ lives off the CPU; the
-        // tile size goes back when `tuned` drops, however the run ends. They are looked up at
+        // kernel travels with each generation's population. They are looked up at
         // this process's first generation (a resumed run looks them up as a fresh one does).
         let mut tuned = crate::autotune::InUse::default();
         let first = run.generation;
@@ -818,7 +818,7 @@ impl Es {
                 }
                 _ => examples,
             };
-            let pop = run.ask_shared()?;
+            let mut pop = run.ask_shared()?;
             if g == first
                 && self.autotune
                 && self.max_batch_size == DEFAULT_MAX_BATCH_SIZE
@@ -826,6 +826,9 @@ impl Es {
             {
                 tuned = crate::autotune::InUse::look_up(&pop, examples_g.len());
                 max_batch_size = tuned.max_batch_size().unwrap_or(max_batch_size);
+            }
+            if tuned.kernel() != pop.kernel() {
+                pop = Arc::new((*pop).clone().with_kernel(tuned.kernel()));
             }
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
             let trace = Trace {
