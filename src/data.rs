@@ -237,6 +237,9 @@ impl Value {
     }
 }
 
+/// Metadata key prefix of [`Examples::to_bytes`] for JSON items.
+const EXAMPLES_KEY: &str = "hyperfunc.examples.";
+
 /// Examples: inputs and expected outputs, `N` of each.
 ///
 /// # Examples
@@ -323,6 +326,63 @@ impl Examples {
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The examples as bytes (safetensors: tensors as tensors, JSON items in the metadata), to
+    /// ship them once to remote workers; [`Examples::from_bytes`] reads them back.
+    ///
+    /// # Examples
+    /// ```
+    /// use hyperfunc::Examples;
+    /// let data = Examples::json(vec![serde_json::json!("2+2")], vec![serde_json::json!(4)])?;
+    /// let back = Examples::from_bytes(&data.to_bytes()?)?;
+    /// assert_eq!(back.len(), 1);
+    /// # Ok::<(), hyperfunc::Error>(())
+    /// ```
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut tensors = Vec::new();
+        let mut meta = std::collections::HashMap::new();
+        for (key, v) in [("inputs", &self.inputs), ("targets", &self.targets)] {
+            if matches!(v.data, Data::Json { .. }) {
+                let items = serde_json::to_string(v.as_json()?)
+                    .map_err(|e| Error::config("Examples::to_bytes", e.to_string()))?;
+                meta.insert(format!("{EXAMPLES_KEY}{key}"), items);
+            } else {
+                tensors.push((key.to_string(), v.as_tensor()?.contiguous().at(key)?));
+            }
+        }
+        safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| Error::config("Examples::to_bytes", e.to_string()))
+    }
+
+    /// Examples written by [`Examples::to_bytes`], on the CPU.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |e: String| {
+            Error::config(
+                "Examples::from_bytes",
+                format!("{e}; give bytes that Examples::to_bytes wrote"),
+            )
+        };
+        let mut map = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let json = |key: &str| -> Result<Option<Vec<Json>>> {
+            header
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get(&format!("{EXAMPLES_KEY}{key}")))
+                .map(|s| serde_json::from_str(s).map_err(|e| bad(e.to_string())))
+                .transpose()
+        };
+        match (json("inputs")?, json("targets")?) {
+            (Some(i), Some(t)) => Self::json(i, t),
+            (None, None) => match (map.remove("inputs"), map.remove("targets")) {
+                (Some(x), Some(y)) => Self::tensors(x, y),
+                _ => Err(bad("no inputs and targets in them".into())),
+            },
+            _ => Err(bad("one side is JSON and the other is not".into())),
+        }
     }
 
     /// Always false: empty example sets are refused at construction.

@@ -92,7 +92,23 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Whether the `gemm` crate computes an `m × n × k` product on its blocked path with the whole
+/// depth in one block. There every output element is one sum over `k` in a fixed order, so its
+/// value does not depend on how many other rows or columns are computed with it. Smaller shapes
+/// take other paths (dot-product kernels when `m·n ≤ 256`, matrix-vector kernels when `m` or `n`
+/// is 1) that round differently; products with `k ≤ 2` are exact outer products on any path.
+/// (gemm-common 0.19: `gemm_basic_generic`; the depth block is `k` up to 512, and beyond that
+/// depends on `k` alone once `m` or `n` exceeds 64.)
+fn canonical(m: usize, n: usize, k: usize) -> bool {
+    k <= 2 || (m >= 2 && n >= 2 && m * n > 256 && (k <= 512 || m > 64 || n > 64))
+}
+
 /// `dst[m × n] (row stride dst_rs) = lhs · rhs`, single-threaded.
+///
+/// Every element is computed the same way whatever `m` and `n` are: a shape off the blocked path
+/// is padded with zero columns (or rows) onto it. So a candidate's values do not depend on how
+/// its population was cut into chunks and tiles, and workers that split a generation get a
+/// single process's fitness bit for bit.
 ///
 /// # Panics
 /// If a view does not fit its slice or the shapes disagree: callers check shapes first, so this
@@ -116,6 +132,9 @@ pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
             dst[r * dst_rs..r * dst_rs + n].fill(0.0);
         }
         return;
+    }
+    if !canonical(m, n, k) {
+        return gemm_padded(dst, dst_rs, lhs, rhs);
     }
     // SAFETY: every element the kernel reads is `lhs.data[i·rs + l·cs]` for i < m, l < k (and the
     // same for rhs with l < k, j < n); `fits()` proved the largest such index is in bounds, and
@@ -144,6 +163,43 @@ pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// [`gemm`] of a shape off the blocked path: the product is computed with zero columns (and,
+/// when `m` is 1, a zero row) added until the shape is on it; the extra outputs are dropped.
+#[cold]
+fn gemm_padded(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let m2 = m.max(2);
+    let mut n2 = n.max(2).max(256 / m2 + 1);
+    if k > 512 && m2 <= 64 {
+        n2 = n2.max(65);
+    }
+    let padded;
+    let lhs = if m2 > m {
+        let mut l = vec![0.0f32; m2 * k];
+        for i in 0..m {
+            for j in 0..k {
+                l[i * k + j] = lhs.data[i * lhs.rs + j * lhs.cs];
+            }
+        }
+        padded = l;
+        Mat::rows(&padded, m2, k)
+    } else {
+        lhs
+    };
+    let mut r = vec![0.0f32; k * n2];
+    for i in 0..k {
+        for j in 0..n {
+            r[i * n2 + j] = rhs.data[i * rhs.rs + j * rhs.cs];
+        }
+    }
+    debug_assert!(canonical(m2, n2, k));
+    let mut out = vec![0.0f32; m2 * n2];
+    gemm(&mut out, n2, lhs, Mat::rows(&r, k, n2));
+    for i in 0..m {
+        dst[i * dst_rs..i * dst_rs + n].copy_from_slice(&out[i * n2..i * n2 + n]);
     }
 }
 
@@ -323,6 +379,43 @@ simd_dispatch!(
     fn low_rank_add / low_rank_add_avx2(block: &mut [f32], xb: &[f32], stride: usize, off: usize, a: &[f32], r: usize) -> () = low_rank_add_inline
 );
 
+simd_dispatch!(
+    /// One candidate's rows projected on its rank factors: `dst[n, r] = x[n, k] · btᵀ`, with
+    /// `bt` the factors as `[r, k]`. Each value is one dot product in a fixed order, so it does
+    /// not depend on what else is computed (unlike a GEMM whose path depends on the shape).
+    fn project / project_avx2(dst: &mut [f32], x: &[f32], bt: &[f32], k: usize) -> () = project_inline
+);
+
+#[inline(always)]
+fn project_inline(dst: &mut [f32], x: &[f32], bt: &[f32], k: usize) {
+    const L: usize = 16;
+    let r = bt.len() / k.max(1);
+    for (row, d) in x.chunks_exact(k).zip(dst.chunks_exact_mut(r)) {
+        for (v, b) in d.iter_mut().zip(bt.chunks_exact(k)) {
+            let mut acc = [0.0f32; L];
+            let (xs, bs) = (row.chunks_exact(L), b.chunks_exact(L));
+            let (xt, bt) = (xs.remainder(), bs.remainder());
+            for (xc, bc) in xs.zip(bs) {
+                for i in 0..L {
+                    acc[i] = xc[i].mul_add(bc[i], acc[i]);
+                }
+            }
+            for (i, (&p, &q)) in xt.iter().zip(bt).enumerate() {
+                acc[i] = p.mul_add(q, acc[i]);
+            }
+            // A fixed pairwise reduction of the lanes.
+            let mut w = L;
+            while w > 1 {
+                w /= 2;
+                for i in 0..w {
+                    acc[i] += acc[i + w];
+                }
+            }
+            *v = acc[0];
+        }
+    }
+}
+
 /// Each candidate's `[out, r]` factor of `a` (`pc` of them, back to back) copied as
 /// `[r, out]`, so that [`low_rank_add`] reads contiguous rows; for rank 1 the layouts are the
 /// same.
@@ -490,5 +583,95 @@ mod tests {
         let ce = cross_entropy(&[0.0; 20], 10, &[3, 7]);
         assert!((ce - 10f32.ln()).abs() < 1e-6);
         assert_eq!(class_accuracy(&[0.0, 1.0, 2.0, 0.0], 2, &[1, 0]), 1.0);
+    }
+}
+#[cfg(test)]
+mod grouping {
+    use super::*;
+
+    fn data(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 997.0 - 0.5)
+            .collect()
+    }
+
+    /// A candidate's rows (or columns) computed alone or among others give the same bits, for
+    /// shapes on and off the gemm crate's blocked path.
+    #[test]
+    fn a_block_of_rows_or_columns_does_not_depend_on_its_neighbours() {
+        for &(rows, k, out) in &[
+            (256, 32, 10),
+            (48, 12, 4),
+            (4, 4, 1),
+            (1, 64, 32),
+            (256, 64, 1),
+            (3, 600, 5),
+            (5, 2, 3),
+        ] {
+            let w = data(out * k, 1);
+            for tc in [1usize, 2, 3, 7, 33] {
+                let x = data(tc * rows * k, 2);
+                let mut all = vec![0.0; tc * rows * out];
+                gemm(
+                    &mut all,
+                    out,
+                    Mat::rows(&x, tc * rows, k),
+                    Mat::transposed(&w, k, out),
+                );
+                let wide = data(tc * out * k, 3);
+                let mut cols = vec![0.0; rows * tc * out];
+                let x0 = &x[..rows * k];
+                gemm(
+                    &mut cols,
+                    tc * out,
+                    Mat::rows(x0, rows, k),
+                    Mat::transposed(&wide, k, tc * out),
+                );
+                for c in 0..tc {
+                    let mut one = vec![0.0; rows * out];
+                    let xc = &x[c * rows * k..(c + 1) * rows * k];
+                    gemm(
+                        &mut one,
+                        out,
+                        Mat::rows(xc, rows, k),
+                        Mat::transposed(&w, k, out),
+                    );
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+                    };
+                    assert!(
+                        same(&one, &all[c * rows * out..(c + 1) * rows * out]),
+                        "rows: {rows}×{k}×{out}, {tc} candidates, candidate {c}"
+                    );
+                    let wc = &wide[c * out * k..(c + 1) * out * k];
+                    gemm(
+                        &mut one,
+                        out,
+                        Mat::rows(x0, rows, k),
+                        Mat::transposed(wc, k, out),
+                    );
+                    let col: Vec<f32> = (0..rows)
+                        .flat_map(|r| {
+                            cols[r * tc * out + c * out..r * tc * out + (c + 1) * out].to_vec()
+                        })
+                        .collect();
+                    assert!(
+                        same(&one, &col),
+                        "columns: {rows}×{k}×{out}, {tc} candidates, candidate {c}"
+                    );
+                    // And against a plain f64 product, loosely: padding changes nothing else.
+                    for r in 0..rows {
+                        for j in 0..out {
+                            let e: f64 = (0..k)
+                                .map(|l| f64::from(x0[r * k + l]) * f64::from(wc[j * k + l]))
+                                .sum();
+                            assert!(
+                                (f64::from(one[r * out + j]) - e).abs() < 1e-3 * (1.0 + e.abs())
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -390,11 +390,16 @@ fn linear_cpu(
                         // The shared part as one GEMM over every row of the tile, then per
                         // candidate X_p·B_p (n × r) and the rank-r update in place.
                         kernels::gemm(y, out, Mat::rows(xs, pc * n, inp), wt_view);
-                        let mut xb = vec![0.0f32; n * r];
+                        let (mut xb, mut bt) = (vec![0.0f32; n * r], vec![0.0f32; r * inp]);
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let xp = &xs[p * n * inp..(p + 1) * n * inp];
-                            let bp = Mat::rows(&bv[p * inp * r..(p + 1) * inp * r], inp, r);
-                            kernels::gemm(&mut xb, r, Mat::rows(xp, n, inp), bp);
+                            let bp = &bv[p * inp * r..(p + 1) * inp * r];
+                            for (i, row) in bp.chunks_exact(r).enumerate() {
+                                for (j, &v) in row.iter().enumerate() {
+                                    bt[j * inp + i] = v;
+                                }
+                            }
+                            kernels::project(&mut xb, xp, &bt, inp);
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             kernels::low_rank_add(block, &xb, r, 0, ap, r);
                             finish(block, p);

@@ -212,6 +212,45 @@ impl Population {
         })
     }
 
+    /// Candidates `[start, start + len)` as a population of their own (views, no copy).
+    pub(crate) fn select(&self, start: usize, len: usize) -> Result<Population> {
+        if len == 0 || start + len > self.size {
+            return Err(Error::config(
+                "population",
+                format!(
+                    "candidates {start}..{} are not a non-empty range of 0..{}",
+                    start + len,
+                    self.size
+                ),
+            ));
+        }
+        let perturb = self
+            .perturb
+            .iter()
+            .map(|(name, p)| {
+                let p = match p {
+                    Perturbation::Dense(e) => {
+                        Perturbation::Dense(e.narrow(0, start, len).at(name)?)
+                    }
+                    Perturbation::Explicit(t) => {
+                        Perturbation::Explicit(t.narrow(0, start, len).at(name)?)
+                    }
+                    Perturbation::LowRank { a, b } => Perturbation::LowRank {
+                        a: a.narrow(0, start, len).at(name)?,
+                        b: b.narrow(0, start, len).at(name)?,
+                    },
+                };
+                Ok((name.clone(), p))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Population {
+            base: self.base.clone(),
+            size: len,
+            perturb,
+            kernel: self.kernel,
+        })
+    }
+
     /// The raw θ of candidate `i`, materialized.
     pub fn candidate(&self, i: usize) -> Result<Theta> {
         if i >= self.size {

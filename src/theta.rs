@@ -195,10 +195,15 @@ impl Theta {
     /// Saves θ as a safetensors file; prompts go in its metadata (`hyperfunc.prompt.<fn>`).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let file_err = |e: String| Error::File {
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|e| Error::File {
             path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        };
+            source: e,
+        })
+    }
+
+    /// θ as safetensors bytes (what [`Theta::save`] writes), to send it somewhere.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let meta: HashMap<String, String> = self
             .prompts
             .iter()
@@ -209,25 +214,40 @@ impl Theta {
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.contiguous().at(k)?)))
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(tensors, (!meta.is_empty()).then_some(meta), path)
-            .map_err(|e| file_err(e.to_string()))
+        safetensors::serialize(tensors, (!meta.is_empty()).then_some(meta))
+            .map_err(|e| Error::config("θ", format!("could not serialise θ: {e}")))
     }
 
     /// Loads θ (tensors and prompts) from a safetensors file onto `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let file_err = |e: String| Error::File {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        };
         let bytes = std::fs::read(path).map_err(|e| Error::File {
             path: path.display().to_string(),
             source: e,
         })?;
-        let map = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| file_err(e.to_string()))?;
+        Self::from_bytes(&bytes, device).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// θ from safetensors bytes ([`Theta::to_bytes`], or any safetensors data) onto `device`.
+    ///
+    /// # Examples
+    /// ```
+    /// use hyperfunc::prelude::*;
+    /// let net = Chain::new(vec![HyperFn::linear("f", 3, 2, Activation::Tanh)]);
+    /// let theta = Theta::init(&net, 7, &candle_core::Device::Cpu)?;
+    /// let back = Theta::from_bytes(&theta.to_bytes()?, &candle_core::Device::Cpu)?;
+    /// assert!(back.bit_eq(&theta)?);
+    /// # Ok::<(), hyperfunc::Error>(())
+    /// ```
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let bad = |e: String| Error::config("θ", format!("not readable safetensors data: {e}"));
+        let map =
+            candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(e.to_string()))?;
         let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let prompts = meta
             .metadata()
             .iter()

@@ -19,6 +19,7 @@ use pyo3::exceptions::{PyException, PyKeyError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+mod dist;
 mod ledger;
 mod runs;
 mod tune;
@@ -826,6 +827,26 @@ impl PyExamples {
     fn __len__(&self) -> usize {
         self.0.len()
     }
+
+    /// The examples as bytes (safetensors), for sending them to other processes.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let b = self.0.to_bytes().map_err(to_py)?;
+        Ok(pyo3::types::PyBytes::new(py, &b))
+    }
+
+    /// Examples from `to_bytes`.
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        Examples::from_bytes(data).map(Self).map_err(to_py)
+    }
+
+    /// Pickling (Ray, multiprocessing): through `to_bytes`.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, pyo3::types::PyBytes>,))> {
+        let f = slf.get_type().getattr("from_bytes")?;
+        Ok((f, (slf.get().to_bytes(slf.py())?,)))
+    }
 }
 
 /// θ: the named raw parameters (and prompts) of a system.
@@ -910,6 +931,28 @@ impl PyTheta {
     #[staticmethod]
     fn load(path: &str) -> PyResult<Self> {
         Theta::load(path, &Device::Cpu).map(Self).map_err(to_py)
+    }
+
+    /// θ as safetensors bytes (what `save` writes).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let b = self.0.to_bytes().map_err(to_py)?;
+        Ok(pyo3::types::PyBytes::new(py, &b))
+    }
+
+    /// θ from `to_bytes` (or any safetensors data).
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        Theta::from_bytes(data, &Device::Cpu)
+            .map(Self)
+            .map_err(to_py)
+    }
+
+    /// Pickling (Ray, multiprocessing): through `to_bytes`.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, pyo3::types::PyBytes>,))> {
+        let f = slf.get_type().getattr("from_bytes")?;
+        Ok((f, (slf.get().to_bytes(slf.py())?,)))
     }
 
     /// Whether every tensor and prompt is bit-identical to `other`'s.
@@ -1008,6 +1051,7 @@ fn metric_of(m: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Metric>> {
 }
 
 /// `Arc<dyn Metric>` as a `Metric` (the engine takes `&dyn Metric`).
+#[derive(Clone)]
 struct Shared(Arc<dyn Metric>);
 
 impl Metric for Shared {
@@ -1560,6 +1604,52 @@ impl PyReport {
     }
 }
 
+/// The `Es` of the keyword arguments `optimize` and `EsWorker` share (in groups: the numbers,
+/// the update, the engine).
+pub(crate) fn base_es(
+    (pop_size, sigma, lr, generations, seed): (usize, f64, f64, usize, u64),
+    (minimize, antithetic, weight_decay, optimizer, momentum): (bool, bool, f64, &str, f64),
+    (max_batch_size, max_failure_rate, init, examples_per_eval): (
+        usize,
+        f64,
+        Option<Theta>,
+        Option<usize>,
+    ),
+) -> PyResult<Es> {
+    let mut es = Es::default()
+        .pop_size(pop_size)
+        .sigma(sigma)
+        .lr(lr)
+        .generations(generations)
+        .seed(seed)
+        .antithetic(antithetic)
+        .weight_decay(weight_decay)
+        .max_batch_size(max_batch_size)
+        .max_failure_rate(max_failure_rate);
+    es = if minimize {
+        es.minimize()
+    } else {
+        es.maximize()
+    };
+    es = match optimizer {
+        "adam" => es,
+        "sgd" => es.sgd(momentum),
+        "compat" => es.compat(),
+        other => {
+            return Err(ConfigError::new_err(format!(
+                "optimizer {other:?} is unknown: use \"adam\", \"sgd\" or \"compat\""
+            )))
+        }
+    };
+    if let Some(t) = init {
+        es = es.init(t);
+    }
+    if let Some(n) = examples_per_eval {
+        es = es.examples_per_eval(n);
+    }
+    Ok(es)
+}
+
 /// Optimises a system's θ with OpenAI-ES; keyword arguments and defaults are the Rust `Es`'s.
 #[pyfunction]
 #[pyo3(signature = (
@@ -1568,7 +1658,7 @@ impl PyReport {
     optimizer="adam", momentum=0.9, max_batch_size=262_144, max_failure_rate=1.0,
     progress=true, init=None, hub=None, store=None, run=None, run_name=None,
     checkpoint_every=None, examples_per_eval=None, llm_clients=None, max_cost_usd=None,
-    max_tokens=None
+    max_tokens=None, autotune=true
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -1601,45 +1691,26 @@ fn optimize(
     llm_clients: Option<Vec<PyLlm>>,
     max_cost_usd: Option<f64>,
     max_tokens: Option<u64>,
+    autotune: bool,
 ) -> PyResult<PyReport> {
     let (sys, m) = (self::system(system)?, Shared(metric_of(metric)?));
-    let mut es = Es::default()
-        .pop_size(pop_size)
-        .sigma(sigma)
-        .lr(lr)
-        .generations(generations)
-        .seed(seed)
-        .antithetic(antithetic)
-        .weight_decay(weight_decay)
-        .max_batch_size(max_batch_size)
-        .max_failure_rate(max_failure_rate)
-        .progress(progress);
-    es = if minimize {
-        es.minimize()
-    } else {
-        es.maximize()
-    };
-    es = match optimizer {
-        "adam" => es,
-        "sgd" => es.sgd(momentum),
-        "compat" => es.compat(),
-        other => {
-            return Err(ConfigError::new_err(format!(
-                "optimizer {other:?} is unknown: use \"adam\", \"sgd\" or \"compat\""
-            )))
-        }
-    };
+    let mut es = base_es(
+        (pop_size, sigma, lr, generations, seed),
+        (minimize, antithetic, weight_decay, optimizer, momentum),
+        (
+            max_batch_size,
+            max_failure_rate,
+            init.map(|t| t.0),
+            examples_per_eval,
+        ),
+    )?
+    .progress(progress)
+    .autotune(autotune);
     if let Some(p) = patience {
         es = es.patience(p);
     }
     if let Some(t) = target {
         es = es.target(t);
-    }
-    if let Some(t) = init {
-        es = es.init(t.0);
-    }
-    if let Some(n) = examples_per_eval {
-        es = es.examples_per_eval(n);
     }
     for c in llm_clients.iter().flatten() {
         es = es.llm_client(&c.0);
@@ -1699,6 +1770,7 @@ fn _hyperfunc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("CallError", py.get_type::<CallError>())?;
     m.add_class::<PyParamSpec>()?;
+    m.add_class::<dist::PyEsWorker>()?;
     m.add_class::<PyLmParams>()?;
     m.add_class::<PyFn>()?;
     m.add_class::<PyValue>()?;

@@ -8,6 +8,7 @@
 mod noise;
 mod schedule;
 mod shaping;
+mod shard;
 mod update;
 
 use std::io::IsTerminal;

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result, TensorContext};
+use crate::error::{Error, Result};
 use crate::theta::Theta;
 
 const META_KEY: &str = "hyperfunc.checkpoint";
@@ -76,6 +76,16 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
 
 /// Serialises a checkpoint; the bytes written.
 pub(crate) fn save(path: &Path, state: &State) -> Result<u64> {
+    let bytes = encode(state).map_err(|reason| Error::RunStore {
+        path: path.display().to_string(),
+        reason,
+    })?;
+    write_atomic(path, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// A checkpoint as bytes (safetensors: θ, the moments, the rest as JSON metadata).
+pub(crate) fn encode(state: &State) -> std::result::Result<Vec<u8>, String> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (prefix, map) in [
         ("theta/", state.theta.iter().collect::<Vec<_>>()),
@@ -83,7 +93,8 @@ pub(crate) fn save(path: &Path, state: &State) -> Result<u64> {
         ("v/", state.v.iter().map(|(k, t)| (k.as_str(), t)).collect()),
     ] {
         for (name, t) in map {
-            tensors.push((format!("{prefix}{name}"), t.contiguous().at(name)?));
+            let t = t.contiguous().map_err(|e| format!("{name}: {e}"))?;
+            tensors.push((format!("{prefix}{name}"), t));
         }
     }
     let mut meta = state.meta.clone();
@@ -92,37 +103,33 @@ pub(crate) fn save(path: &Path, state: &State) -> Result<u64> {
         .prompts()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let json = serde_json::to_string(&meta).map_err(|e| Error::RunStore {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let json = serde_json::to_string(&meta).map_err(|e| e.to_string())?;
     let info = HashMap::from([(META_KEY.to_string(), json)]);
-    let bytes = safetensors::serialize(tensors, Some(info)).map_err(|e| Error::RunStore {
-        path: path.display().to_string(),
-        reason: format!("could not serialise the checkpoint: {e}"),
-    })?;
-    write_atomic(path, &bytes)?;
-    Ok(bytes.len() as u64)
+    safetensors::serialize(tensors, Some(info))
+        .map_err(|e| format!("could not serialise the checkpoint: {e}"))
 }
 
 /// Reads a checkpoint onto `device`.
 pub(crate) fn load(path: &Path, device: &Device) -> Result<State> {
-    let bad = |reason: String| Error::RunStore {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    decode(&bytes, device).map_err(|reason| Error::RunStore {
         path: path.display().to_string(),
         reason,
-    };
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let map = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| bad(format!("not a readable checkpoint: {e}")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a readable checkpoint: {e}")))?;
+    })
+}
+
+/// Reads checkpoint bytes written by [`encode`] onto `device`.
+pub(crate) fn decode(bytes: &[u8], device: &Device) -> std::result::Result<State, String> {
+    let map = candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| format!("not a readable checkpoint: {e}"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("not a readable checkpoint: {e}"))?;
     let json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| bad("no hyperfunc checkpoint metadata".into()))?;
-    let meta: Meta =
-        serde_json::from_str(json).map_err(|e| bad(format!("checkpoint metadata: {e}")))?;
+        .ok_or_else(|| "no hyperfunc checkpoint metadata".to_string())?;
+    let meta: Meta = serde_json::from_str(json).map_err(|e| format!("checkpoint metadata: {e}"))?;
     let (mut theta, mut m, mut v) = (Theta::default(), BTreeMap::new(), BTreeMap::new());
     for (name, t) in map {
         if let Some(n) = name.strip_prefix("theta/") {

@@ -50,7 +50,7 @@
 #[cfg(feature = "llm")]
 pub mod ask;
 pub mod bench;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod experiment;
 mod record;
 pub mod schema;

@@ -25,6 +25,7 @@ mod prompt;
 mod runs;
 #[cfg(feature = "llm")]
 mod runs_ask;
+mod shard;
 mod system;
 mod tune;
 #[cfg(feature = "llm")]

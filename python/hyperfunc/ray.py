@@ -1,0 +1,384 @@
+"""Distributed ES on Ray: workers get seeds and pair ranges, and send back fitness scalars.
+
+``optimize_distributed`` starts N Ray actors. Each builds the system once from your factory and
+holds θ and the optimiser's state. Each generation goes like this:
+
+1. The driver hands out ranges of antithetic pairs. It uses work-stealing: a worker that
+   finishes a range gets the next one, sized to its measured speed.
+2. A worker draws its candidates' noise again from (seed, generation, pair), evaluates them with
+   the batched engine, and returns the fitness values (4 bytes each).
+3. The driver sends the whole fitness vector to every worker. Each worker applies the same
+   update, so θ is never sent.
+
+Every ``hash_every`` generations the driver compares a hash of θ across the workers. A
+difference raises ``DivergenceError``.
+
+If a worker dies, its ranges go to the others. A new worker starts from the last checkpoint and
+replays the generations since then from the fitness log (a few floats per candidate). The run
+ends with the same θ as a run without the fault.
+
+Fitness values do not depend on how a generation is split. So with the same seed, the final θ
+is bit-identical to ``hyperfunc.optimize(..., autotune=False)`` in one process.
+
+Needs Ray: ``pip install 'hyperfunc[ray]'``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import EsWorker, HyperfuncError, Theta
+
+try:  # Ray is an optional extra; importing this module without it must still work (doctests).
+    import ray as _ray
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _ray = None
+
+__all__ = [
+    "DivergenceError",
+    "DistributedReport",
+    "Driver",
+    "FactoryError",
+    "optimize_distributed",
+]
+
+
+class FactoryError(HyperfuncError):
+    """The system factory raised on a worker; the message carries the worker's traceback."""
+
+
+class DivergenceError(HyperfuncError):
+    """Workers that should hold the same θ do not (a hash check failed)."""
+
+
+@dataclass
+class DistributedReport:
+    """What ``optimize_distributed`` returns."""
+
+    theta: Theta
+    """The final mean θ."""
+    final_fitness: float
+    """The metric of the final θ on all the examples."""
+    best_fitness: Optional[float]
+    """The best candidate fitness seen, and the generation it was seen in."""
+    best_generation: Optional[int]
+    generations: int
+    seconds: float
+    restarts: int
+    """Workers that died and were replaced."""
+    bytes_per_generation: float
+    """Median bytes of messages per generation (ranges, fitness, broadcasts, hash checks)."""
+    checkpoint_bytes: int
+    """Bytes of checkpoints pulled from a worker over the run (not per generation)."""
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    """Per generation: generation, best, mean, seconds, chunks, bytes, workers."""
+
+
+def _size(obj: Any) -> int:
+    """Bytes of a message as pickled."""
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _actor_class():
+    @_ray.remote
+    class _Worker:
+        """A Ray actor around one ``EsWorker``."""
+
+        def __init__(self, factory, examples, metric, es_kwargs, threads):
+            self.error = None
+            try:
+                if threads:
+                    from . import set_threads
+
+                    set_threads(threads)
+                self.w = EsWorker(factory(), examples, metric, **es_kwargs)
+            except BaseException:  # surfaced by ready(), with the traceback
+                self.error = traceback.format_exc()
+
+        def ready(self):
+            return self.error
+
+        def evaluate(self, generation, start, end):
+            t0 = time.perf_counter()
+            out = self.w.evaluate(generation, start, end)
+            return out, time.perf_counter() - t0
+
+        def tell(self, fitness):
+            self.w.tell(fitness)
+
+        def replay(self, log):
+            self.w.replay(log)
+
+        def theta_hash(self):
+            return self.w.theta_hash()
+
+        def checkpoint(self):
+            return self.w.checkpoint(), self.w.generation
+
+        def restore(self, data):
+            self.w.restore(data)
+
+        def theta_bytes(self):
+            return self.w.theta.to_bytes()
+
+        def final_fitness(self):
+            return self.w.evaluate_theta()
+
+    return _Worker
+
+
+@dataclass
+class Driver:
+    """The driver's view of the run, passed to ``on_generation(generation, driver)``."""
+
+    actors: List[Any]
+    """The live Ray actor handles, one per worker slot."""
+    fitness_log: List[bytes]
+    """Every generation's fitness vector (little-endian f32), oldest first."""
+    checkpoint: Optional[Tuple[bytes, int]] = None
+    """The last checkpoint and the generation it holds."""
+
+
+def optimize_distributed(
+    system_factory: Callable[[], Any],
+    examples: Any,
+    metric: Any,
+    *,
+    workers: int = 2,
+    generations: int = 100,
+    pop_size: int = 64,
+    sigma: float = 0.1,
+    lr: float = 0.05,
+    seed: int = 0,
+    minimize: bool = False,
+    antithetic: bool = True,
+    weight_decay: float = 0.0,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    max_batch_size: int = 262144,
+    max_failure_rate: float = 1.0,
+    init: Optional[Theta] = None,
+    examples_per_eval: Optional[int] = None,
+    threads_per_worker: Optional[int] = None,
+    cpus_per_worker: float = 1.0,
+    chunks_per_worker: int = 4,
+    hash_every: int = 10,
+    checkpoint_every: int = 25,
+    max_restarts: int = 3,
+    on_generation: Optional[Callable[[int, Driver], None]] = None,
+) -> DistributedReport:
+    """Optimises θ with OpenAI-ES on ``workers`` Ray actors; ES arguments are ``optimize``'s.
+
+    ``system_factory`` builds the system on each worker: a picklable callable, for example a
+    class or a module-level function. ``examples`` are sent once to each worker. ``metric`` is a
+    metric name or a picklable callable. Ray is started with its defaults when it is not
+    running yet.
+
+    ``hash_every``: generations between θ hash checks (and at the end). ``checkpoint_every``:
+    generations between checkpoints that a replacement worker starts from (before the first
+    one, it replays from generation 0). ``max_restarts``: replacements allowed in the whole run.
+    ``on_generation(g, driver)`` runs after each generation's update is sent.
+    """
+    if _ray is None:
+        raise ImportError("hyperfunc.ray needs Ray: pip install 'hyperfunc[ray]'")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if hash_every < 1 or checkpoint_every < 1 or chunks_per_worker < 1:
+        raise ValueError("hash_every, checkpoint_every and chunks_per_worker must be at least 1")
+    if not _ray.is_initialized():
+        _ray.init()
+    es_kwargs = dict(
+        pop_size=pop_size, sigma=sigma, lr=lr, generations=generations, seed=seed,
+        minimize=minimize, antithetic=antithetic, weight_decay=weight_decay,
+        optimizer=optimizer, momentum=momentum, max_batch_size=max_batch_size,
+        max_failure_rate=max_failure_rate, init=init, examples_per_eval=examples_per_eval,
+    )
+    if antithetic and pop_size % 2:
+        raise ValueError(f"pop_size must be even with antithetic pairs, got {pop_size}")
+    pairs, per = (pop_size // 2, 2) if antithetic else (pop_size, 1)
+
+    cls = _actor_class().options(num_cpus=cpus_per_worker)
+
+    def spawn() -> Any:
+        return cls.remote(system_factory, examples, metric, es_kwargs, threads_per_worker)
+
+    def check_ready(actors: List[Any]) -> None:
+        for i, err in enumerate(_ray.get([a.ready.remote() for a in actors])):
+            if err is not None:
+                raise FactoryError(
+                    f"worker {i} could not start: the system factory or the settings raised "
+                    f"there:\n{err}"
+                )
+
+    driver = Driver(actors=[spawn() for _ in range(workers)], fitness_log=[])
+    check_ready(driver.actors)
+    rates = [1.0] * workers  # pairs per second, measured inside the workers
+    restarts, ckpt_bytes = 0, 0
+    history: List[Dict[str, Any]] = []
+    best: Optional[Tuple[float, int]] = None
+    t_start = time.perf_counter()
+    dead_error = (_ray.exceptions.RayActorError,)
+
+    def replace(slot: int) -> None:
+        nonlocal restarts
+        restarts += 1
+        if restarts > max_restarts:
+            raise HyperfuncError(
+                f"{restarts} workers died, more than max_restarts={max_restarts}; the last "
+                f"was worker {slot}"
+            )
+        a = spawn()
+        check_ready([a])
+        if driver.checkpoint is not None:
+            data, g0 = driver.checkpoint
+            a.restore.remote(data)
+        else:
+            g0 = 0
+        if len(driver.fitness_log) > g0:
+            a.replay.remote(driver.fitness_log[g0:])
+        driver.actors[slot] = a
+
+    for g in range(generations):
+        t0 = time.perf_counter()
+        fitness = bytearray(4 * pairs * per)
+        sent = 0
+        total_rate = sum(rates)
+        sizes = [
+            max(1, round(pairs * r / total_rate / chunks_per_worker)) for r in rates
+        ]
+        next_pair = 0
+        retry: List[Tuple[int, int]] = []
+        inflight: Dict[Any, Tuple[int, int, int]] = {}
+        alive = set(range(len(driver.actors)))
+        done_pairs, busy = [0] * workers, [0.0] * workers
+
+        def take(slot: int) -> Optional[Tuple[int, int]]:
+            nonlocal next_pair
+            if retry:
+                return retry.pop()
+            if next_pair >= pairs:
+                return None
+            end = min(pairs, next_pair + sizes[slot])
+            r = (next_pair, end)
+            next_pair = end
+            return r
+
+        def submit(slot: int) -> bool:
+            nonlocal sent
+            r = take(slot)
+            if r is None:
+                return False
+            args = (g, r[0], r[1])
+            sent += _size(args)
+            inflight[driver.actors[slot].evaluate.remote(*args)] = (slot, r[0], r[1])
+            return True
+
+        for slot in list(alive):  # two ranges in flight per worker hide the round trip
+            submit(slot)
+            submit(slot)
+        chunks = 0
+        while inflight:
+            ready, _ = _ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            slot, s, e = inflight.pop(ref)
+            try:
+                out, secs = _ray.get(ref)
+            except dead_error:
+                # The worker is gone: its ranges go back to the queue for the others.
+                if slot in alive:
+                    alive.discard(slot)
+                    for k in [k for k, v in inflight.items() if v[0] == slot]:
+                        _, s2, e2 = inflight.pop(k)
+                        retry.append((s2, e2))
+                retry.append((s, e))
+                if not alive:
+                    replace(slot)
+                    alive.add(slot)
+                    submit(slot)
+                    submit(slot)
+                else:
+                    for other in list(alive):
+                        if sum(1 for v in inflight.values() if v[0] == other) < 2:
+                            submit(other)
+                continue
+            sent += _size((out, secs))
+            fitness[s * per * 4 : e * per * 4] = out
+            done_pairs[slot] += e - s
+            busy[slot] += secs
+            chunks += 1
+            submit(slot)
+        for slot in range(len(driver.actors)):
+            if slot not in alive:
+                replace(slot)
+        for slot in range(workers):
+            if done_pairs[slot] and busy[slot] > 0:
+                rates[slot] = done_pairs[slot] / busy[slot]
+        data = bytes(fitness)
+        driver.fitness_log.append(data)
+        # The update: every worker gets the whole vector once (one object in Ray's store).
+        ref = _ray.put(data)
+        tells = []
+        for slot, a in enumerate(driver.actors):
+            sent += _size(data)
+            tells.append((slot, a.tell.remote(ref)))
+        for slot, t in tells:
+            try:
+                _ray.get(t)
+            except dead_error:
+                replace(slot)
+        if (g + 1) % hash_every == 0 or g + 1 == generations:
+            hashes = _ray.get([a.theta_hash.remote() for a in driver.actors])
+            sent += sum(_size(h) for h in hashes)
+            if len(set(hashes)) > 1:
+                raise DivergenceError(
+                    f"after generation {g}, workers hold different θ: hashes "
+                    + ", ".join(f"worker {i}: {h:016x}" for i, h in enumerate(hashes))
+                )
+        if (g + 1) % checkpoint_every == 0 and g + 1 < generations:
+            data_ck, g_ck = _ray.get(driver.actors[0].checkpoint.remote())
+            ckpt_bytes += len(data_ck)
+            driver.checkpoint = (data_ck, g_ck)
+        values = [
+            v
+            for v in memoryview(data).cast("f")
+            if math.isfinite(v)
+        ]
+        gen_best = (min(values) if minimize else max(values)) if values else None
+        if gen_best is not None and (
+            best is None or (gen_best < best[0] if minimize else gen_best > best[0])
+        ):
+            best = (gen_best, g)
+        history.append(
+            dict(
+                generation=g,
+                best=gen_best,
+                mean=sum(values) / len(values) if values else math.nan,
+                seconds=time.perf_counter() - t0,
+                chunks=chunks,
+                bytes=sent,
+                workers=len(driver.actors),
+            )
+        )
+        if on_generation is not None:
+            on_generation(g, driver)
+
+    theta = Theta.from_bytes(_ray.get(driver.actors[0].theta_bytes.remote()))
+    final = _ray.get(driver.actors[0].final_fitness.remote())
+    per_gen = sorted(h["bytes"] for h in history)
+    return DistributedReport(
+        theta=theta,
+        final_fitness=final,
+        best_fitness=best[0] if best else None,
+        best_generation=best[1] if best else None,
+        generations=len(history),
+        seconds=time.perf_counter() - t_start,
+        restarts=restarts,
+        bytes_per_generation=per_gen[len(per_gen) // 2] if per_gen else 0.0,
+        checkpoint_bytes=ckpt_bytes,
+        history=history,
+    )
