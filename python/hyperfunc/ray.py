@@ -7,8 +7,8 @@ holds θ and the optimiser's state. Each generation goes like this:
    finishes a range gets the next one, sized to its measured speed.
 2. A worker draws its candidates' noise again from (seed, generation, pair), evaluates them with
    the batched engine, and returns the fitness values (4 bytes each).
-3. The driver sends the whole fitness vector to every worker. Each worker applies the same
-   update, so θ is never sent.
+3. The driver puts the whole fitness vector in Ray's store once. Each worker gets it with its
+   next request and applies the same update, so θ is never sent.
 
 Every ``hash_every`` generations the driver compares a hash of θ across the workers. A
 difference raises ``DivergenceError``.
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import statistics
 import time
+from array import array
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -87,7 +89,12 @@ def _size(obj: Any) -> int:
 def _actor_class():
     @_ray.remote
     class _Worker:
-        """A Ray actor around one ``EsWorker``."""
+        """A Ray actor around one ``EsWorker``.
+
+        Every call may carry the fitness vectors of generations this worker has not applied
+        yet (Ray resolves them from its object store): the update rides on the next request
+        instead of costing the driver one more call per worker and generation.
+        """
 
         def __init__(self, factory, examples, metric, es_kwargs, threads):
             self.error = None
@@ -103,27 +110,32 @@ def _actor_class():
         def ready(self):
             return self.error
 
-        def evaluate(self, generation, start, end):
+        def _catch_up(self, fitness):
+            for f in fitness:
+                self.w.tell(f)
+
+        def evaluate(self, generation, start, end, *fitness):
+            self._catch_up(fitness)
             t0 = time.perf_counter()
             out = self.w.evaluate(generation, start, end)
             return out, time.perf_counter() - t0
 
-        def tell(self, fitness):
-            self.w.tell(fitness)
-
         def replay(self, log):
             self.w.replay(log)
 
-        def theta_hash(self):
+        def theta_hash(self, *fitness):
+            self._catch_up(fitness)
             return self.w.theta_hash()
 
-        def checkpoint(self):
+        def checkpoint(self, *fitness):
+            self._catch_up(fitness)
             return self.w.checkpoint(), self.w.generation
 
         def restore(self, data):
             self.w.restore(data)
 
-        def theta_bytes(self):
+        def theta_bytes(self, *fitness):
+            self._catch_up(fitness)
             return self.w.theta.to_bytes()
 
         def final_fitness(self):
@@ -166,7 +178,8 @@ def optimize_distributed(
     examples_per_eval: Optional[int] = None,
     threads_per_worker: Optional[int] = None,
     cpus_per_worker: float = 1.0,
-    chunks_per_worker: int = 4,
+    chunks_per_worker: int = 2,
+    adaptive_ranges: bool = True,
     hash_every: int = 10,
     checkpoint_every: int = 25,
     max_restarts: int = 3,
@@ -178,6 +191,11 @@ def optimize_distributed(
     class or a module-level function. ``examples`` are sent once to each worker. ``metric`` is a
     metric name or a picklable callable. Ray is started with its defaults when it is not
     running yet.
+
+    Ranges: at most ``chunks_per_worker`` per worker and generation, handed out by
+    work-stealing and sized to each worker's measured speed. With ``adaptive_ranges`` the driver
+    uses fewer (and fewer workers) when a generation is too small for them: it measures its
+    own CPU time per range and keeps it under half of the workers' time.
 
     ``hash_every``: generations between θ hash checks (and at the end). ``checkpoint_every``:
     generations between checkpoints that a replacement worker starts from (before the first
@@ -217,12 +235,21 @@ def optimize_distributed(
 
     driver = Driver(actors=[spawn() for _ in range(workers)], fitness_log=[])
     check_ready(driver.actors)
-    rates = [1.0] * workers  # pairs per second, measured inside the workers
+    rates = [0.0] * workers  # pairs per second of each worker, measured inside the workers
+    told = [0] * workers  # generations each worker has applied (or been sent)
+    refs: Dict[int, Any] = {}  # generation -> its fitness vector in Ray's store
+    range_cpu: Optional[float] = None  # the driver's CPU seconds per range, measured
     restarts, ckpt_bytes = 0, 0
     history: List[Dict[str, Any]] = []
     best: Optional[Tuple[float, int]] = None
     t_start = time.perf_counter()
     dead_error = (_ray.exceptions.RayActorError,)
+
+    def owed(slot: int) -> List[Any]:
+        """The fitness refs worker `slot` has not had yet; from now on it has them."""
+        out = [refs[k] for k in range(told[slot], len(driver.fitness_log))]
+        told[slot] = len(driver.fitness_log)
+        return out
 
     def replace(slot: int) -> None:
         nonlocal restarts
@@ -242,19 +269,41 @@ def optimize_distributed(
         if len(driver.fitness_log) > g0:
             a.replay.remote(driver.fitness_log[g0:])
         driver.actors[slot] = a
+        told[slot] = len(driver.fitness_log)
+        rates[slot] = 0.0
+
+    def call(slot: int, method: str) -> Any:
+        """A synchronous call that brings the worker up to date first; replaces a dead one."""
+        for _ in range(2):
+            try:
+                return _ray.get(getattr(driver.actors[slot], method).remote(*owed(slot)))
+            except dead_error:
+                replace(slot)
+        raise HyperfuncError(f"worker {slot} died twice in a row during {method}")
 
     for g in range(generations):
         t0 = time.perf_counter()
         fitness = bytearray(4 * pairs * per)
         sent = 0
-        total_rate = sum(rates)
-        sizes = [
-            max(1, round(pairs * r / total_rate / chunks_per_worker)) for r in rates
-        ]
+        # How many ranges: at most chunks_per_worker per worker, and few enough that the
+        # driver's own time (range_cpu each) stays under half of the workers' time.
+        known = [r for r in rates if r > 0]
+        n_ranges = chunks_per_worker * workers
+        if adaptive_ranges and range_cpu and known:
+            work = pairs / statistics.mean(known)  # seconds of one worker for the generation
+            fit = int(math.sqrt(0.5 * work / range_cpu))
+            n_ranges = max(1, min(n_ranges, fit if fit < workers else fit // workers * workers))
+        order = sorted(range(workers), key=lambda k: -rates[k])
+        users = order[: min(workers, n_ranges)]
+        speed = {k: rates[k] if rates[k] > 0 else 1.0 for k in users}
+        total = sum(speed.values())
+        sizes = {
+            k: max(1, round(pairs * speed[k] / total * len(users) / n_ranges)) for k in users
+        }
         next_pair = 0
         retry: List[Tuple[int, int]] = []
         inflight: Dict[Any, Tuple[int, int, int]] = {}
-        alive = set(range(len(driver.actors)))
+        alive = set(range(workers))
         done_pairs, busy = [0] * workers, [0.0] * workers
 
         def take(slot: int) -> Optional[Tuple[int, int]]:
@@ -263,7 +312,7 @@ def optimize_distributed(
                 return retry.pop()
             if next_pair >= pairs:
                 return None
-            end = min(pairs, next_pair + sizes[slot])
+            end = min(pairs, next_pair + sizes.get(slot, max(sizes.values())))
             r = (next_pair, end)
             next_pair = end
             return r
@@ -273,12 +322,13 @@ def optimize_distributed(
             r = take(slot)
             if r is None:
                 return False
-            args = (g, r[0], r[1])
-            sent += _size(args)
+            args = (g, r[0], r[1], *owed(slot))
+            sent += _size((g, r[0], r[1])) + 4 * pairs * per * (len(args) - 3)
             inflight[driver.actors[slot].evaluate.remote(*args)] = (slot, r[0], r[1])
             return True
 
-        for slot in list(alive):  # two ranges in flight per worker hide the round trip
+        c0 = time.process_time()
+        for slot in users:  # two ranges in flight per worker hide the round trip
             submit(slot)
             submit(slot)
         chunks = 0
@@ -299,12 +349,10 @@ def optimize_distributed(
                 if not alive:
                     replace(slot)
                     alive.add(slot)
-                    submit(slot)
-                    submit(slot)
-                else:
-                    for other in list(alive):
-                        if sum(1 for v in inflight.values() if v[0] == other) < 2:
-                            submit(other)
+                for other in sorted(alive, key=lambda k: -rates[k]):
+                    while sum(1 for v in inflight.values() if v[0] == other) < 2:
+                        if not submit(other):
+                            break
                 continue
             sent += _size((out, secs))
             fitness[s * per * 4 : e * per * 4] = out
@@ -312,27 +360,21 @@ def optimize_distributed(
             busy[slot] += secs
             chunks += 1
             submit(slot)
-        for slot in range(len(driver.actors)):
-            if slot not in alive:
-                replace(slot)
+        cpu = (time.process_time() - c0) / max(1, chunks)
+        range_cpu = cpu if range_cpu is None else 0.5 * (range_cpu + cpu)
         for slot in range(workers):
             if done_pairs[slot] and busy[slot] > 0:
                 rates[slot] = done_pairs[slot] / busy[slot]
         data = bytes(fitness)
         driver.fitness_log.append(data)
-        # The update: every worker gets the whole vector once (one object in Ray's store).
-        ref = _ray.put(data)
-        tells = []
-        for slot, a in enumerate(driver.actors):
-            sent += _size(data)
-            tells.append((slot, a.tell.remote(ref)))
-        for slot, t in tells:
-            try:
-                _ray.get(t)
-            except dead_error:
+        # The update: one object in Ray's store; each worker gets it with its next request.
+        refs[g] = _ray.put(data)
+        for slot in range(workers):
+            if slot not in alive:
                 replace(slot)
         if (g + 1) % hash_every == 0 or g + 1 == generations:
-            hashes = _ray.get([a.theta_hash.remote() for a in driver.actors])
+            sent += sum(4 * pairs * per * (len(driver.fitness_log) - told[k]) for k in range(workers))
+            hashes = [call(k, "theta_hash") for k in range(workers)]
             sent += sum(_size(h) for h in hashes)
             if len(set(hashes)) > 1:
                 raise DivergenceError(
@@ -340,14 +382,12 @@ def optimize_distributed(
                     + ", ".join(f"worker {i}: {h:016x}" for i, h in enumerate(hashes))
                 )
         if (g + 1) % checkpoint_every == 0 and g + 1 < generations:
-            data_ck, g_ck = _ray.get(driver.actors[0].checkpoint.remote())
+            data_ck, g_ck = call(0, "checkpoint")
             ckpt_bytes += len(data_ck)
             driver.checkpoint = (data_ck, g_ck)
-        values = [
-            v
-            for v in memoryview(data).cast("f")
-            if math.isfinite(v)
-        ]
+        for k in [k for k in refs if k < min(told)]:
+            del refs[k]  # every worker has it: Ray may free it
+        values = [v for v in array("f", data) if math.isfinite(v)]
         gen_best = (min(values) if minimize else max(values)) if values else None
         if gen_best is not None and (
             best is None or (gen_best < best[0] if minimize else gen_best > best[0])
@@ -361,13 +401,13 @@ def optimize_distributed(
                 seconds=time.perf_counter() - t0,
                 chunks=chunks,
                 bytes=sent,
-                workers=len(driver.actors),
+                workers=len(users),
             )
         )
         if on_generation is not None:
             on_generation(g, driver)
 
-    theta = Theta.from_bytes(_ray.get(driver.actors[0].theta_bytes.remote()))
+    theta = Theta.from_bytes(call(0, "theta_bytes"))
     final = _ray.get(driver.actors[0].final_fitness.remote())
     per_gen = sorted(h["bytes"] for h in history)
     return DistributedReport(
