@@ -116,6 +116,11 @@ def _actor_class():
 
         def evaluate(self, generation, start, end, *fitness):
             self._catch_up(fitness)
+            if self.w.generation != generation:
+                raise DivergenceError(
+                    f"a worker at generation {self.w.generation} was asked for generation "
+                    f"{generation}: the workers drifted apart"
+                )
             t0 = time.perf_counter()
             out = self.w.evaluate(generation, start, end)
             return out, time.perf_counter() - t0
@@ -151,7 +156,10 @@ class Driver:
     actors: List[Any]
     """The live Ray actor handles, one per worker slot."""
     fitness_log: List[bytes]
-    """Every generation's fitness vector (little-endian f32), oldest first."""
+    """The fitness vectors (little-endian f32) of the generations since the last checkpoint
+    (since the start before the first), oldest first: what a replacement worker replays."""
+    log_start: int = 0
+    """The generation of ``fitness_log[0]``."""
     checkpoint: Optional[Tuple[bytes, int]] = None
     """The last checkpoint and the generation it holds."""
 
@@ -245,10 +253,14 @@ def optimize_distributed(
     t_start = time.perf_counter()
     dead_error = (_ray.exceptions.RayActorError,)
 
+    def done() -> int:
+        """Generations whose fitness is known."""
+        return driver.log_start + len(driver.fitness_log)
+
     def owed(slot: int) -> List[Any]:
         """The fitness refs worker `slot` has not had yet; from now on it has them."""
-        out = [refs[k] for k in range(told[slot], len(driver.fitness_log))]
-        told[slot] = len(driver.fitness_log)
+        out = [refs[k] for k in range(told[slot], done())]
+        told[slot] = done()
         return out
 
     def replace(slot: int) -> None:
@@ -266,10 +278,10 @@ def optimize_distributed(
             a.restore.remote(data)
         else:
             g0 = 0
-        if len(driver.fitness_log) > g0:
-            a.replay.remote(driver.fitness_log[g0:])
+        if done() > g0:
+            a.replay.remote(driver.fitness_log[g0 - driver.log_start :])
         driver.actors[slot] = a
-        told[slot] = len(driver.fitness_log)
+        told[slot] = done()
         rates[slot] = 0.0
 
     def call(slot: int, method: str) -> Any:
@@ -373,7 +385,7 @@ def optimize_distributed(
             if slot not in alive:
                 replace(slot)
         if (g + 1) % hash_every == 0 or g + 1 == generations:
-            sent += sum(4 * pairs * per * (len(driver.fitness_log) - told[k]) for k in range(workers))
+            sent += sum(4 * pairs * per * (done() - told[k]) for k in range(workers))
             hashes = [call(k, "theta_hash") for k in range(workers)]
             sent += sum(_size(h) for h in hashes)
             if len(set(hashes)) > 1:
@@ -385,6 +397,9 @@ def optimize_distributed(
             data_ck, g_ck = call(0, "checkpoint")
             ckpt_bytes += len(data_ck)
             driver.checkpoint = (data_ck, g_ck)
+            # A replacement starts here now: the fitness before it is no longer needed.
+            del driver.fitness_log[: g_ck - driver.log_start]
+            driver.log_start = g_ck
         for k in [k for k in refs if k < min(told)]:
             del refs[k]  # every worker has it: Ray may free it
         values = [v for v in array("f", data) if math.isfinite(v)]

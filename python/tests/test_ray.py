@@ -95,9 +95,10 @@ def test_bytes_per_generation_grow_with_p_at_most_16_bytes_per_candidate():
 
 def test_a_killed_actor_is_replaced_and_the_run_ends_with_the_same_theta():
     ref = single(low_rank_net, 8)
-    killed = []
+    killed, logged = [], []
 
     def kill(g, driver):
+        logged.append(len(driver.fitness_log))
         if g == 2:
             killed.append(driver.actors[1])
             ray.kill(driver.actors[1])
@@ -109,6 +110,8 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_with_the_same_theta():
     assert out.restarts == 1
     assert out.theta.bit_eq(ref.theta)
     assert out.checkpoint_bytes > 0
+    # The driver keeps only the fitness since the last checkpoint.
+    assert max(logged) <= 2 and len(logged) == 8
 
 
 def test_a_factory_that_raises_surfaces_its_traceback():
@@ -127,20 +130,29 @@ def test_wrong_settings_are_refused_before_any_worker_starts():
         optimize_distributed(dense_net, data(), "cross_entropy", workers=0, generations=2, **ES)
 
 
-def test_workers_that_drift_apart_raise_a_divergence_error():
-    other = {}
+def other_run_state(at):
+    """The state of another run (another seed) after `at` generations: taken in the last
+    generation's callback, after the final hash check brought the worker up to date."""
+    got = {}
 
     def grab(g, driver):
-        if g == 2:
-            other["ckpt"] = ray.get(driver.actors[0].checkpoint.remote())[0]
+        if g == at - 1:
+            got["ckpt"] = ray.get(driver.actors[0].checkpoint.remote())[0]
 
-    optimize_distributed(dense_net, data(), "cross_entropy", workers=1, generations=3,
+    optimize_distributed(dense_net, data(), "cross_entropy", workers=1, generations=at,
                          on_generation=grab, **{**ES, "seed": 99})
+    return got["ckpt"]
+
+
+@pytest.mark.parametrize("at,message", [(2, "after generation 3, workers hold different θ"),
+                                        (3, "at generation 4 was asked for generation 3")])
+def test_workers_that_drift_apart_raise_a_divergence_error(at, message):
+    ckpt = other_run_state(at)
 
     def corrupt(g, driver):
-        if g == 2:  # worker 1 takes another run's state at the same generation
-            ray.get(driver.actors[1].restore.remote(other["ckpt"]))
+        if g == 2:  # worker 1 takes another run's state
+            ray.get(driver.actors[1].restore.remote(ckpt))
 
-    with pytest.raises(DivergenceError, match="after generation 3"):
+    with pytest.raises(DivergenceError, match=message):
         optimize_distributed(dense_net, data(), "cross_entropy", workers=2, generations=6,
-                             hash_every=2, on_generation=corrupt, **ES)
+                             hash_every=2, on_generation=corrupt, adaptive_ranges=False, **ES)
