@@ -133,54 +133,60 @@ pub(crate) fn forward(
     if !kernels::on_cpu_f32(&x.t) || shared || pc == 1 || layers.is_empty() {
         return run(x.clone(), 0, pc, false, None)?.ok_or_else(|| Error::config(name, "no output"));
     }
-    let n = x.t.dim(usize::from(x.batched)).at(name)?;
-    // The widest activation a tile holds per candidate (a shared input is held once).
-    let widest = layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            if i == 0 && !x.batched {
-                l.out
-            } else {
-                l.out.max(l.inp)
-            }
-        })
-        .max()
-        .unwrap_or(1);
-    // Candidates per tile: what fits the tile, but no more than a worker's share, so that a
-    // small population still keeps every worker busy.
-    let share = pc.div_ceil(rayon::current_num_threads().max(1));
-    let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
-    let out = layers[layers.len() - 1].out;
-    let mut y = vec![0.0f32; pc * n * out];
-    y.par_chunks_mut(tc * n * out)
-        .enumerate()
-        .map(|(t, dst)| {
-            let c0 = t * tc;
-            let tcur = dst.len() / (n * out);
-            let xt = if x.batched {
-                Act {
-                    t: x.t.narrow(0, c0, tcur).at(name)?,
-                    batched: true,
+    let tiled = || -> Result<Act> {
+        let n = x.t.dim(usize::from(x.batched)).at(name)?;
+        // The widest activation a tile holds per candidate (a shared input is held once).
+        let widest = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 && !x.batched {
+                    l.out
+                } else {
+                    l.out.max(l.inp)
                 }
-            } else {
-                x.clone()
-            };
-            // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
-            if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst))? {
-                with_slice(&a.t, name, |v| {
-                    for block in dst.chunks_exact_mut(v.len()) {
-                        block.copy_from_slice(v);
+            })
+            .max()
+            .unwrap_or(1);
+        // Candidates per tile: what fits the tile, but no more than a worker's share, so that a
+        // small population still keeps every worker busy.
+        let share = pc.div_ceil(rayon::current_num_threads().max(1));
+        let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
+        let out = layers[layers.len() - 1].out;
+        let mut y = vec![0.0f32; pc * n * out];
+        y.par_chunks_mut(tc * n * out)
+            .enumerate()
+            .map(|(t, dst)| {
+                let c0 = t * tc;
+                let tcur = dst.len() / (n * out);
+                let xt = if x.batched {
+                    Act {
+                        t: x.t.narrow(0, c0, tcur).at(name)?,
+                        batched: true,
                     }
-                })?;
-            }
-            Ok(())
+                } else {
+                    x.clone()
+                };
+                // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
+                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst))? {
+                    with_slice(&a.t, name, |v| {
+                        for block in dst.chunks_exact_mut(v.len()) {
+                            block.copy_from_slice(v);
+                        }
+                    })?;
+                }
+                Ok(())
+            })
+            .collect::<Result<Vec<()>>>()?;
+        Ok(Act {
+            t: Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu).at(name)?,
+            batched: true,
         })
-        .collect::<Result<Vec<()>>>()?;
-    Ok(Act {
-        t: Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu).at(name)?,
-        batched: true,
-    })
+    };
+    match kernel.threads {
+        Some(t) => pool(t)?.install(tiled),
+        None => tiled(),
+    }
 }
 
 /// One dense layer over a chunk of `pc` candidates (candle ops: any device).
@@ -260,6 +266,30 @@ pub(crate) struct Kernel {
     pub tile_floats: Option<usize>,
     /// Low-rank weights formed per candidate instead of the shared GEMM + correction.
     pub materialize_low_rank: bool,
+    /// Worker threads for the tiles (`None`: the process's pool, all cores by default).
+    pub threads: Option<usize>,
+}
+
+/// A rayon pool of `n` threads, built once per size and kept for the process.
+fn pool(n: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
+    static POOLS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<usize, std::sync::Arc<rayon::ThreadPool>>>,
+    > = std::sync::OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = pools.get(&n) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .thread_name(move |i| format!("hyperfunc-tiles-{n}-{i}"))
+        .build()
+        .map_err(|e| Error::config("threads", format!("could not start {n} threads: {e}")))?;
+    let p = std::sync::Arc::new(p);
+    pools.insert(n, p.clone());
+    Ok(p)
 }
 
 impl Kernel {

@@ -422,6 +422,11 @@ pub struct TensorSettings {
     /// The kernel of layers with low-rank noise (no effect on dense noise).
     #[serde(default)]
     pub low_rank: LowRankKernel,
+    /// Worker threads for the tiles of a forward (0: the process's pool, all cores unless
+    /// `HYPERFUNC_THREADS` says otherwise). Fewer can win on tiny evaluations, where waking
+    /// workers costs more than they save.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 impl Default for TensorSettings {
@@ -430,6 +435,7 @@ impl Default for TensorSettings {
             tile_floats: crate::layers::DEFAULT_TILE_FLOATS,
             max_batch_size: crate::es::DEFAULT_MAX_BATCH_SIZE,
             low_rank: LowRankKernel::SharedGemm,
+            threads: 0,
         }
     }
 }
@@ -440,6 +446,7 @@ impl TensorSettings {
         crate::layers::Kernel {
             tile_floats: Some(self.tile_floats),
             materialize_low_rank: self.low_rank == LowRankKernel::Materialize,
+            threads: (self.threads > 0).then_some(self.threads),
         }
     }
 }
@@ -454,6 +461,14 @@ impl std::fmt::Display for TensorSettings {
         )?;
         if self.low_rank == LowRankKernel::Materialize {
             write!(f, ", low-rank weights materialized")?;
+        }
+        if self.threads > 0 {
+            write!(
+                f,
+                ", {} thread{}",
+                self.threads,
+                if self.threads == 1 { "" } else { "s" }
+            )?;
         }
         Ok(())
     }

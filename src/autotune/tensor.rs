@@ -383,6 +383,15 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             .collect();
         live.extend(twins);
     }
+    // Threads are a knob too: one thread at the default and at the analytic leader.
+    if profile.cores > 1 {
+        let twins: Vec<TensorSettings> = live
+            .iter()
+            .take(2)
+            .map(|s| TensorSettings { threads: 1, ..*s })
+            .collect();
+        live.extend(twins);
+    }
     // Correctness gate.
     let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
@@ -447,6 +456,16 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         };
         if probe.low_rank() && !times.contains_key(&flip) && !candidates.contains_key(&flip) {
             near.push(flip);
+        }
+        let other_threads = TensorSettings {
+            threads: if leader.threads == 0 { 1 } else { 0 },
+            ..leader
+        };
+        if profile.cores > 1
+            && !times.contains_key(&other_threads)
+            && !candidates.contains_key(&other_threads)
+        {
+            near.push(other_threads);
         }
         for (t, b) in [(2, 1), (1, 2)] {
             let up = TensorSettings {
@@ -600,7 +619,8 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
 /// `min_sample` (so short evaluations are not timed at the clock's resolution), and the first
 /// run's fitness.
 /// The exhaustive sweep the quick search is judged against: every setting of the grid (with the
-/// other low-rank kernel too when the probe has low-rank noise) within the memory budget, timed
+/// other low-rank kernel too when the probe has low-rank noise, and each on one thread too when
+/// the machine has several cores) within the memory budget, timed
 /// in `rounds` interleaved rounds (shuffled each round, so drift hits all alike), plus `extra`
 /// settings; each setting with its median evaluations per second, best first.
 pub fn exhaustive(
@@ -625,6 +645,13 @@ pub fn exhaustive(
                 low_rank: LowRankKernel::Materialize,
                 ..*s
             })
+            .collect();
+        all.extend(twins);
+    }
+    if profile.cores > 1 {
+        let twins: Vec<TensorSettings> = all
+            .iter()
+            .map(|s| TensorSettings { threads: 1, ..*s })
             .collect();
         all.extend(twins);
     }

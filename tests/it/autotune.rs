@@ -147,6 +147,32 @@ fn with_low_rank_noise_the_kernel_is_a_knob_that_gives_the_same_fitness() {
 }
 
 #[test]
+fn threads_are_a_knob_that_changes_no_fitness_bit() {
+    let probe = MlpProbe::new(&[16, 16, 4], 64, 16, Some(2)).unwrap();
+    let all = TensorSettings::default();
+    let one = TensorSettings { threads: 1, ..all };
+    // A candidate's fitness does not depend on how many workers cut the population.
+    let (a, b) = (probe.run(&all).unwrap(), probe.run(&one).unwrap());
+    assert_eq!(a.len(), 64);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(one.to_string().ends_with(", 1 thread"), "{one}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let r = tensor::tune(&probe, &quick()).unwrap();
+    let timed = |t: usize| {
+        r.candidates
+            .iter()
+            .any(|c| c.settings.threads == t && c.excluded.is_none() && c.runs > 0)
+    };
+    assert!(timed(0), "{}", r.to_markdown());
+    // One thread is a candidate wherever there is more than one core.
+    assert_eq!(timed(1), cores > 1, "{}", r.to_markdown());
+    // A record without the field (written before the knob) reads as "all threads".
+    let old: TensorSettings =
+        serde_json::from_str(r#"{"tile_floats": 131072, "max_batch_size": 262144}"#).unwrap();
+    assert_eq!(old.threads, 0);
+}
+
+#[test]
 fn settings_over_the_memory_budget_are_skipped_without_running() {
     let probe = Rigged {
         inner: MlpProbe::new(&[16, 8, 4], 64, 64, None).unwrap(),
