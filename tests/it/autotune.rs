@@ -694,14 +694,20 @@ async fn the_window_follows_the_servers_capacity_down_and_back_up() {
             "capacity {capacity}: settled after {settled_at} calls, {:.1} s",
             t0.elapsed().as_secs_f64()
         );
-        // And it stays there.
+        // And it stays there: the window saws between the capacity and one slot above (each
+        // peak is one refusal), and now and then a refusal arrives for a request sent below
+        // the capacity (the server still counted a request its client had finished), which
+        // halves the window and costs about 17 calls of recovery. One such dip in 200 calls
+        // leaves about 170 in band; a limiter that drifted away leaves far fewer.
         let mut after = Vec::with_capacity(200);
         while after.len() < 200 {
             after.push(rx.recv().await.unwrap());
         }
         let kept = after.iter().filter(|&&w| in_band(w)).count();
+        let mut sorted = after.clone();
+        sorted.sort_by(f64::total_cmp);
         assert!(
-            kept >= 180,
+            kept >= 160 && in_band(sorted[100]),
             "capacity {capacity}: {kept} of 200 in band: {after:?}"
         );
     }
