@@ -413,23 +413,34 @@ fn linear_cpu(
                 let r = a.dim(2).at(name)?;
                 // One copy of the factor, laid out rank-major as it is read.
                 let av = with_slice(a, name, |s| kernels::rank_major(s, out, r))?;
-                let bv = vec_of(fb, name)?;
+                // One copy of B too, in the layout its branch reads: per candidate [r, inp]
+                // (the rows a projection dots with), or all candidates side by side as the
+                // columns of one GEMM, [inp, pc·r].
+                let bv = with_slice(fb, name, |s| {
+                    if x.batched {
+                        kernels::rank_major(s, inp, r)
+                    } else {
+                        let mut cols = vec![0.0f32; inp * pc * r];
+                        for (p, bp) in s.chunks_exact(inp * r).enumerate() {
+                            for (i, row) in bp.chunks_exact(r).enumerate() {
+                                cols[i * pc * r + p * r..i * pc * r + (p + 1) * r]
+                                    .copy_from_slice(row);
+                            }
+                        }
+                        cols
+                    }
+                })?;
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
                     if x.batched {
                         // The shared part as one GEMM over every row of the tile, then per
                         // candidate X_p·B_p (n × r) and the rank-r update in place.
                         kernels::gemm(y, out, Mat::rows(xs, pc * n, inp), wt_view);
-                        let (mut xb, mut bt) = (vec![0.0f32; n * r], vec![0.0f32; r * inp]);
+                        let mut xb = vec![0.0f32; n * r];
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let xp = &xs[p * n * inp..(p + 1) * n * inp];
-                            let bp = &bv[p * inp * r..(p + 1) * inp * r];
-                            for (i, row) in bp.chunks_exact(r).enumerate() {
-                                for (j, &v) in row.iter().enumerate() {
-                                    bt[j * inp + i] = v;
-                                }
-                            }
-                            kernels::project(&mut xb, xp, &bt, inp);
+                            let bt = &bv[p * r * inp..(p + 1) * r * inp];
+                            kernels::project(&mut xb, xp, bt, inp);
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             kernels::low_rank_add(block, &xb, r, 0, ap, r);
                             finish(block, p);
@@ -438,20 +449,12 @@ fn linear_cpu(
                         // X·Wᵀ once; X·[B_1 … B_P] as one GEMM; then per candidate a rank-r update.
                         let mut y0 = vec![0.0f32; per];
                         kernels::gemm(&mut y0, out, Mat::rows(xs, n, inp), wt_view);
-                        let mut b_all = vec![0.0f32; inp * pc * r];
-                        for p in 0..pc {
-                            for i in 0..inp {
-                                for j in 0..r {
-                                    b_all[i * pc * r + p * r + j] = bv[p * inp * r + i * r + j];
-                                }
-                            }
-                        }
                         let mut xb = vec![0.0f32; n * pc * r];
                         kernels::gemm(
                             &mut xb,
                             pc * r,
                             Mat::rows(xs, n, inp),
-                            Mat::rows(&b_all, inp, pc * r),
+                            Mat::rows(&bv, inp, pc * r),
                         );
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             block.copy_from_slice(&y0);

@@ -36,8 +36,9 @@ fn f32s(bytes: &[u8], what: &str) -> PyResult<Vec<f32>> {
 }
 
 impl PyEsWorker {
-    fn lock(&self) -> PyResult<tokio::sync::MutexGuard<'_, EsRun>> {
-        Ok(self.run.blocking_lock())
+    /// The run, from a Python thread (never a runtime thread, so blocking is allowed).
+    fn lock(&self) -> tokio::sync::MutexGuard<'_, EsRun> {
+        self.run.blocking_lock()
     }
 }
 
@@ -94,26 +95,26 @@ impl PyEsWorker {
 
     /// Units of a generation: antithetic pairs (2 candidates each), else single candidates.
     #[getter]
-    fn pairs(&self) -> PyResult<usize> {
-        Ok(self.lock()?.pairs())
+    fn pairs(&self) -> usize {
+        self.lock().pairs()
     }
 
     /// Candidates per unit of `pairs` (2 or 1).
     #[getter]
-    fn candidates_per_pair(&self) -> PyResult<usize> {
-        Ok(self.lock()?.candidates_per_pair())
+    fn candidates_per_pair(&self) -> usize {
+        self.lock().candidates_per_pair()
     }
 
     /// Generations applied so far.
     #[getter]
-    fn generation(&self) -> PyResult<usize> {
-        Ok(self.lock()?.generation())
+    fn generation(&self) -> usize {
+        self.lock().generation()
     }
 
     /// The mean θ.
     #[getter]
-    fn theta(&self) -> PyResult<PyTheta> {
-        Ok(PyTheta(self.lock()?.theta().clone()))
+    fn theta(&self) -> PyTheta {
+        PyTheta(self.lock().theta().clone())
     }
 
     /// Fitness of pairs `start..end` of generation `generation`, as little-endian f32 bytes
@@ -153,7 +154,7 @@ impl PyEsWorker {
     /// Applies this generation's update from all its fitness values (little-endian f32 bytes).
     fn tell(&self, py: Python<'_>, fitness: &[u8]) -> PyResult<()> {
         let f = f32s(fitness, "tell")?;
-        let mut run = self.lock()?;
+        let mut run = self.lock();
         py.detach(|| run.tell_all(&f)).map(|_| ()).map_err(to_py)
     }
 
@@ -163,29 +164,29 @@ impl PyEsWorker {
             .iter()
             .map(|b| f32s(b, "replay"))
             .collect::<PyResult<Vec<_>>>()?;
-        let mut run = self.lock()?;
+        let mut run = self.lock();
         py.detach(|| run.replay(&log)).map_err(to_py)
     }
 
     /// A 64-bit hash of θ and the generation: equal on workers in step.
     fn theta_hash(&self) -> PyResult<u64> {
-        self.lock()?.theta_hash().map_err(to_py)
+        self.lock().theta_hash().map_err(to_py)
     }
 
     /// θ, the optimiser's moments and the generation as bytes.
     fn checkpoint<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.lock()?.checkpoint().map_err(to_py)?;
+        let bytes = self.lock().checkpoint().map_err(to_py)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
     /// Puts a `checkpoint`'s state in place.
     fn restore(&self, bytes: &[u8]) -> PyResult<()> {
-        self.lock()?.restore_checkpoint(bytes).map_err(to_py)
+        self.lock().restore_checkpoint(bytes).map_err(to_py)
     }
 
     /// The metric of the mean θ on all the examples.
     fn evaluate_theta(&self, py: Python<'_>) -> PyResult<f32> {
-        let theta = self.lock()?.theta().clone();
+        let theta = self.lock().theta().clone();
         let (sys, ex, m) = (self.sys.clone(), self.examples.clone(), self.metric.clone());
         block(py, async move {
             hyperfunc::evaluate(&sys, &theta, &ex, &m).await

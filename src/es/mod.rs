@@ -687,6 +687,7 @@ impl Es {
             generation: 0,
             state: update::UpdateState::default(),
             pending: None,
+            kernel: crate::layers::Kernel::default(),
         })
     }
 
@@ -811,14 +812,8 @@ impl Es {
                 break;
             }
             let p = run.es.pop_size;
-            let subset;
-            let examples_g = match run.es.examples_per_eval {
-                Some(k) if k < examples.len() => {
-                    subset = examples.select(&subsample(examples.len(), k, self.seed, g))?;
-                    &subset
-                }
-                _ => examples,
-            };
+            let examples_g = run.es.examples_of(examples, g)?;
+            let examples_g = &*examples_g;
             let mut pop = run.ask_shared()?;
             if g == first
                 && self.autotune
@@ -827,9 +822,8 @@ impl Es {
             {
                 tuned = crate::autotune::InUse::look_up(&pop, examples_g.len());
                 max_batch_size = tuned.max_batch_size().unwrap_or(max_batch_size);
-            }
-            if tuned.kernel() != pop.kernel() {
-                pop = Arc::new((*pop).clone().with_kernel(tuned.kernel()));
+                run.set_kernel(tuned.kernel());
+                pop = run.ask_shared()?;
             }
             let (gen_id, gen_start) = (hub.next_id(), hub.now_ns());
             let trace = Trace {
@@ -870,6 +864,7 @@ impl Es {
             let eval_s = t0.elapsed().as_secs_f64();
             if g == first + 2 && tuned.check(p * examples_g.len(), eval_s) {
                 max_batch_size = self.max_batch_size;
+                run.set_kernel(tuned.kernel());
             }
             if let Some(why) = self.raised() {
                 // Calls refused for a spent budget fail: a generation with failures is not
@@ -1151,6 +1146,8 @@ pub struct EsRun {
     generation: usize,
     state: update::UpdateState,
     pending: Option<Pending>,
+    /// How the CPU kernels run this run's populations (autotuned, or the defaults).
+    kernel: crate::layers::Kernel,
 }
 
 impl EsRun {
@@ -1233,13 +1230,23 @@ impl EsRun {
         Ok(self.ask_shared()?.as_ref().clone())
     }
 
+    /// Sets the CPU kernel the run's populations carry (speed only), the pending one too.
+    pub(crate) fn set_kernel(&mut self, kernel: crate::layers::Kernel) {
+        self.kernel = kernel;
+        if let Some(p) = &mut self.pending {
+            if p.pop.kernel() != kernel {
+                p.pop = Arc::new((*p.pop).clone().with_kernel(kernel));
+            }
+        }
+    }
+
     fn ask_shared(&mut self) -> Result<Arc<Population>> {
         if let Some(p) = &self.pending {
             return Ok(p.pop.clone());
         }
         let g = self.generation;
         let (pop, draws) = self.es.sample(&self.reg, &self.theta, g)?;
-        let pop = Arc::new(pop);
+        let pop = Arc::new(pop.with_kernel(self.kernel));
         self.pending = Some(Pending {
             pop: pop.clone(),
             draws,
@@ -1302,6 +1309,23 @@ impl EsRun {
             sigma: pending.sigma,
             lr: pending.lr,
             failed,
+        })
+    }
+}
+
+impl Es {
+    /// The examples generation `g` is evaluated on: all of them, or the seeded subset of
+    /// `examples_per_eval`.
+    fn examples_of<'a>(
+        &self,
+        examples: &'a Examples,
+        g: usize,
+    ) -> Result<std::borrow::Cow<'a, Examples>> {
+        Ok(match self.examples_per_eval {
+            Some(k) if k < examples.len() => std::borrow::Cow::Owned(
+                examples.select(&subsample(examples.len(), k, self.seed, g))?,
+            ),
+            _ => std::borrow::Cow::Borrowed(examples),
         })
     }
 }

@@ -10,8 +10,6 @@
 
 use std::ops::Range;
 
-use candle_core::Device;
-
 use super::EsRun;
 use crate::data::Examples;
 use crate::error::{Error, Result};
@@ -82,20 +80,12 @@ impl EsRun {
         let per = self.candidates_per_pair();
         let pop = self.ask_shared()?;
         let part = pop.select(pairs.start * per, (pairs.end - pairs.start) * per)?;
-        let g = self.generation;
-        let subset;
-        let examples = match self.es.examples_per_eval {
-            Some(k) if k < examples.len() => {
-                subset = examples.select(&super::subsample(examples.len(), k, self.es.seed, g))?;
-                &subset
-            }
-            _ => examples,
-        };
+        let examples = self.es.examples_of(examples, self.generation)?;
         let eval = evaluate_with(
             &self.reg,
             sys,
             std::sync::Arc::new(part),
-            examples,
+            &examples,
             metric,
             self.es.max_batch_size,
             Trace::default(),
@@ -168,11 +158,7 @@ impl EsRun {
 
     /// Puts the state of [`EsRun::checkpoint`]'s bytes in place (same system and settings).
     pub fn restore_checkpoint(&mut self, bytes: &[u8]) -> Result<()> {
-        let device = match self.device() {
-            Device::Cpu => Device::Cpu,
-            d => d.clone(),
-        };
-        let s = checkpoint::decode(bytes, &device).map_err(|e| {
+        let s = checkpoint::decode(bytes, self.device()).map_err(|e| {
             Error::config(
                 "restore_checkpoint",
                 format!("{e}; give the bytes EsRun::checkpoint returned"),
