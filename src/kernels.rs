@@ -85,6 +85,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// The transpose of this view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -201,6 +212,12 @@ fn gemm_padded(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
     for i in 0..m {
         dst[i * dst_rs..i * dst_rs + n].copy_from_slice(&out[i * n2..i * n2 + n]);
     }
+}
+
+/// [`gemm`] into a column-major destination: element `(i, j)` of `lhs · rhs` lands at
+/// `dst[i + j·dst_cs]`. Computed as `rhsᵀ · lhsᵀ` into a row-major view of the same memory.
+pub(crate) fn gemm_cm(dst: &mut [f32], dst_cs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
+    gemm(dst, dst_cs, rhs.t(), lhs.t());
 }
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -373,6 +390,22 @@ fn bias_act_inline(block: &mut [f32], bias: &[f32], act: Activation) {
 }
 
 simd_dispatch!(
+    /// [`bias_act`] of a class-major block `[out, n]`: `bias[j]` (when not empty) is added to
+    /// the whole row `j`, then the activation is applied.
+    fn bias_act_cm / bias_act_cm_avx2(block: &mut [f32], bias: &[f32], act: Activation, n: usize) -> () = bias_act_cm_inline
+);
+
+#[inline(always)]
+fn bias_act_cm_inline(block: &mut [f32], bias: &[f32], act: Activation, n: usize) {
+    if !bias.is_empty() {
+        for (row, &b) in block.chunks_exact_mut(n.max(1)).zip(bias) {
+            row.iter_mut().for_each(|v| *v += b);
+        }
+    }
+    activate_inline(act, block);
+}
+
+simd_dispatch!(
     /// Adds one candidate's low-rank term in place: `block[n, out] += xb_n · aᵀ`, where row n's
     /// factors `xb_n` (r values) start at `xb[n·stride + off]` and `a` is `[r, out]` (see
     /// [`rank_major`]).
@@ -455,55 +488,114 @@ fn low_rank_add_inline(
     }
 }
 
-// Cross-entropy works in blocks of rows so the exponentials run as one flat, vectorized loop.
+// Cross-entropy works in blocks of rows stored class-major (`[c, rows]`), so that the max, the
+// exponentials, the sums and the logarithms all run down the rows, a vector of rows at a time.
+// Row-major logits are transposed a block at a time; class-major logits (what the tiled layers
+// write for the last layer, see `layers::forward`) are read in place. Both give the same bits.
+const CE_BLOCK: usize = 64;
+
 simd_dispatch!(
     /// Mean softmax cross-entropy of the rows of `logits` (`rows × c`) against `labels`.
     fn cross_entropy / cross_entropy_avx2(logits: &[f32], c: usize, labels: &[usize]) -> f32 = cross_entropy_inline
 );
 
+simd_dispatch!(
+    /// [`cross_entropy`] of class-major logits: `zt` is `[c, n]` with `n = labels.len()`.
+    fn cross_entropy_cm / cross_entropy_cm_avx2(zt: &[f32], c: usize, labels: &[usize]) -> f32 = cross_entropy_cm_inline
+);
+
 #[inline(always)]
 fn cross_entropy_inline(logits: &[f32], c: usize, labels: &[usize]) -> f32 {
-    // Blocks of rows are transposed to [c, rows] so that the max, the exponentials, the sums and
-    // the logarithms all run down the rows, a vector of rows at a time.
-    const BLOCK: usize = 64;
     let mut total = 0.0f64;
-    let mut zt = vec![0.0f32; BLOCK * c];
-    let mut m = [0.0f32; BLOCK];
-    let mut sum = [0.0f32; BLOCK];
-    for (rows, ys) in logits.chunks(BLOCK * c).zip(labels.chunks(BLOCK)) {
-        let nr = ys.len();
+    let mut zt = vec![0.0f32; CE_BLOCK * c];
+    let mut scratch = CeScratch::default();
+    for (rows, ys) in logits.chunks(CE_BLOCK * c).zip(labels.chunks(CE_BLOCK)) {
         for (r, row) in rows.chunks_exact(c).enumerate() {
             for (k, &z) in row.iter().enumerate() {
-                zt[k * BLOCK + r] = z;
+                zt[k * CE_BLOCK + r] = z;
             }
         }
-        m[..nr].copy_from_slice(&zt[..nr]);
-        for k in 1..c {
-            let col = &zt[k * BLOCK..k * BLOCK + nr];
-            m[..nr]
-                .iter_mut()
-                .zip(col)
-                .for_each(|(m, &z)| *m = m.max(z));
-        }
-        sum[..nr].fill(0.0);
-        for k in 0..c {
-            let col = &zt[k * BLOCK..k * BLOCK + nr];
-            sum[..nr]
-                .iter_mut()
-                .zip(col)
-                .zip(&m[..nr])
-                .for_each(|((s, &z), &m)| *s += exp(z - m));
-        }
-        // Map first (vectorized), reduce after: a float reduction in the same loop would stay scalar.
-        sum[..nr]
-            .iter_mut()
-            .zip(&m[..nr])
-            .for_each(|(s, &m)| *s = ln(*s) + m);
-        let block: f32 = sum[..nr].iter().sum();
-        let picked: f32 = ys.iter().enumerate().map(|(r, &y)| rows[r * c + y]).sum();
-        total += f64::from(block - picked);
+        total += f64::from(ce_block(&zt, CE_BLOCK, c, ys, &mut scratch));
     }
     (total / labels.len().max(1) as f64) as f32
+}
+
+#[inline(always)]
+fn cross_entropy_cm_inline(zt: &[f32], c: usize, labels: &[usize]) -> f32 {
+    let n = labels.len();
+    let mut total = 0.0f64;
+    let mut scratch = CeScratch::default();
+    for (b, ys) in labels.chunks(CE_BLOCK).enumerate() {
+        total += f64::from(ce_block(&zt[b * CE_BLOCK..], n, c, ys, &mut scratch));
+    }
+    (total / n.max(1) as f64) as f32
+}
+
+/// Per-row maxima and sums of one block.
+struct CeScratch {
+    m: [f32; CE_BLOCK],
+    sum: [f32; CE_BLOCK],
+}
+
+impl Default for CeScratch {
+    fn default() -> Self {
+        Self {
+            m: [0.0; CE_BLOCK],
+            sum: [0.0; CE_BLOCK],
+        }
+    }
+}
+
+/// Σ over the block's rows of (log-sum-exp − the labelled logit); row `r`'s class `k` is at
+/// `zt[k·ld + r]`, and the block has `ys.len()` rows.
+#[inline(always)]
+fn ce_block(zt: &[f32], ld: usize, c: usize, ys: &[usize], s: &mut CeScratch) -> f32 {
+    let nr = ys.len();
+    let (m, sum) = (&mut s.m[..nr], &mut s.sum[..nr]);
+    m.copy_from_slice(&zt[..nr]);
+    for k in 1..c {
+        let col = &zt[k * ld..k * ld + nr];
+        m.iter_mut().zip(col).for_each(|(m, &z)| *m = m.max(z));
+    }
+    sum.fill(0.0);
+    for k in 0..c {
+        let col = &zt[k * ld..k * ld + nr];
+        sum.iter_mut()
+            .zip(col)
+            .zip(&*m)
+            .for_each(|((s, &z), &m)| *s += exp(z - m));
+    }
+    // Map first (vectorized), reduce after: a float reduction in the same loop would stay scalar.
+    sum.iter_mut().zip(&*m).for_each(|(s, &m)| *s = ln(*s) + m);
+    let block = lane_sum(sum);
+    let picked: f32 = ys.iter().enumerate().map(|(r, &y)| zt[y * ld + r]).sum();
+    block - picked
+}
+
+/// A sum in 16 lanes, then a fixed pairwise reduction of the lanes (vectorizes, unlike a
+/// sequential float sum).
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0.0f32; L];
+    let chunks = v.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            acc[i] += c[i];
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(rest) {
+        *a += x;
+    }
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
 }
 
 /// Fraction of rows whose largest logit is the labelled class.
@@ -514,6 +606,41 @@ pub(crate) fn class_accuracy(logits: &[f32], c: usize, labels: &[usize]) -> f32 
         .filter(|(row, &y)| row.iter().all(|&z| z <= row[y]))
         .count();
     hits as f32 / labels.len().max(1) as f32
+}
+
+/// [`class_accuracy`] of class-major logits: `zt` is `[c, n]` with `n = labels.len()`.
+pub(crate) fn class_accuracy_cm(zt: &[f32], c: usize, labels: &[usize]) -> f32 {
+    let n = labels.len();
+    let hits = labels
+        .iter()
+        .enumerate()
+        .filter(|&(r, &y)| (0..c).all(|k| zt[k * n + r] <= zt[y * n + r]))
+        .count();
+    hits as f32 / n.max(1) as f32
+}
+
+/// Runs `f` on the storage of a `[P, N, C]` tensor laid out class-major, i.e. the transposed
+/// view of a contiguous `[P, C, N]` (what the tiled layers return for their last layer); `None`
+/// when `t` is laid out otherwise.
+pub(crate) fn with_class_major<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Result<Option<R>> {
+    let &[p, n, c] = t.dims() else {
+        return Ok(None);
+    };
+    let layout = t.layout();
+    if t.is_contiguous() || layout.stride() != [n * c, 1, n] || !on_cpu_f32(t) {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let data = cpu.as_slice::<f32>().map_err(Error::tensor(what))?;
+    let a = layout.start_offset();
+    Ok(data.get(a..a + p * n * c).map(f))
 }
 
 #[cfg(test)]
@@ -583,6 +710,63 @@ mod tests {
         let ce = cross_entropy(&[0.0; 20], 10, &[3, 7]);
         assert!((ce - 10f32.ln()).abs() < 1e-6);
         assert_eq!(class_accuracy(&[0.0, 1.0, 2.0, 0.0], 2, &[1, 0]), 1.0);
+    }
+
+    /// Class-major logits give the row-major kernels' bits, with a partial last block, large
+    /// logits (the max shift matters) and ties (accuracy counts a tie as a hit).
+    #[test]
+    fn class_major_metrics_equal_the_row_major_ones_bit_for_bit() {
+        for (n, c) in [(1, 3), (64, 10), (150, 7), (200, 1)] {
+            let z: Vec<f32> = (0..n * c)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.11 - 50.0)
+                .collect();
+            let mut zt = vec![0.0f32; n * c];
+            for r in 0..n {
+                for k in 0..c {
+                    zt[k * n + r] = z[r * c + k];
+                }
+            }
+            let labels: Vec<usize> = (0..n).map(|r| (r * 5) % c).collect();
+            let (a, b) = (
+                cross_entropy(&z, c, &labels),
+                cross_entropy_cm(&zt, c, &labels),
+            );
+            assert!(a.is_finite() && a >= 0.0, "n {n}, c {c}: {a}");
+            assert_eq!(a.to_bits(), b.to_bits(), "n {n}, c {c}: {a} vs {b}");
+            assert_eq!(
+                class_accuracy(&z, c, &labels),
+                class_accuracy_cm(&zt, c, &labels)
+            );
+        }
+        let tie = [1.0f32, 0.0, 1.0, 0.0]; // [c = 2, n = 2]: both rows tie
+        assert_eq!(class_accuracy_cm(&tie, 2, &[1, 0]), 1.0);
+    }
+
+    /// `gemm_cm` writes the transpose of what `gemm` writes, with the same bits.
+    #[test]
+    fn column_major_gemm_is_the_transpose_of_gemm() {
+        for (m, k, n) in [(1024, 64, 30), (5, 3, 4), (40, 32, 10)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.4)
+                .collect();
+            let b: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 17) % 89) as f32 / 89.0 - 0.6)
+                .collect();
+            let (lhs, rhs) = (Mat::rows(&a, m, k), Mat::transposed(&b, k, n));
+            let mut rm = vec![0.0f32; m * n];
+            let mut cm = vec![0.0f32; m * n];
+            gemm(&mut rm, n, lhs, rhs);
+            gemm_cm(&mut cm, m, lhs, rhs);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        rm[i * n + j].to_bits(),
+                        cm[j * m + i].to_bits(),
+                        "{m}×{k}×{n}"
+                    );
+                }
+            }
+        }
     }
 }
 #[cfg(test)]

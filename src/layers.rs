@@ -85,6 +85,14 @@ pub(crate) fn forward(
         };
         per_layer.push((*l, w, b));
     }
+    // A last layer with per-candidate weights writes each candidate's output class-major,
+    // `[out, n]`: its GEMM lands there with no scatter, and the class metrics read it in place
+    // (`kernels::with_class_major`). The result is the `[P, n, out]` view of that storage.
+    let last_cm = per_layer.last().is_some_and(|(_, w, _)| match w {
+        ParamChunk::PerCandidate(_) => true,
+        ParamChunk::LowRank { .. } => kernel.materialize_low_rank,
+        ParamChunk::Shared(_) => false,
+    });
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
     let run = |mut x: Act,
                c0: usize,
@@ -112,7 +120,11 @@ pub(crate) fn forward(
             };
             let next = if kernels::on_cpu_f32(&x.t) {
                 check_input(name, &x, l.inp, tc)?;
-                let d = if i == last { dst.take() } else { None };
+                let d = if i == last {
+                    dst.take().map(|d| (d, last_cm))
+                } else {
+                    None
+                };
                 linear_cpu(name, &x, *l, (&w, b.as_ref()), tc, d, tile_floats)?
             } else {
                 Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
@@ -178,8 +190,14 @@ pub(crate) fn forward(
                 Ok(())
             })
             .collect::<Result<Vec<()>>>()?;
+        let t = if last_cm {
+            Tensor::from_vec(y, (pc, out, n), &candle_core::Device::Cpu)
+                .and_then(|t| t.transpose(1, 2))
+        } else {
+            Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu)
+        };
         Ok(Act {
-            t: Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu).at(name)?,
+            t: t.at(name)?,
             batched: true,
         })
     };
@@ -320,7 +338,7 @@ fn linear_cpu(
     layer: Layer,
     (w, b): (&ParamChunk, Option<&ParamChunk>),
     pc: usize,
-    dst: Option<&mut [f32]>,
+    dst: Option<(&mut [f32], bool)>,
     tile_floats: usize,
 ) -> Result<Option<Act>> {
     let (inp, out) = (layer.inp, layer.out);
@@ -334,11 +352,23 @@ fn linear_cpu(
     let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
     let per = n * out; // floats of one candidate's output
     let mut owned = Vec::new();
-    let (y, into_dst): (&mut [f32], bool) = match dst {
-        Some(d) if batched && d.len() == pc * per => (d, true),
+    // `dst`, when given, is this tile's share of the forward's output; `class_major` asks for
+    // each candidate's block as `[out, n]` (honoured with per-candidate weights, which always
+    // write into `dst`; the forward asks only then).
+    let (y, into_dst, cm): (&mut [f32], bool, bool) = match dst {
+        Some((d, class_major)) if batched && d.len() == pc * per => {
+            let cm = class_major && matches!(w, ParamChunk::PerCandidate(_));
+            if class_major && !cm {
+                return Err(Error::config(
+                    name,
+                    "internal: a class-major output was asked of a layer without per-candidate weights",
+                ));
+            }
+            (d, true, cm)
+        }
         _ => {
             owned = vec![0.0f32; if batched { pc * per } else { per }];
-            (&mut owned[..], false)
+            (&mut owned[..], false, false)
         }
     };
 
@@ -349,7 +379,11 @@ fn linear_cpu(
             Some((bv, false)) => bv,
             None => &[],
         };
-        kernels::bias_act(block, bv, layer.act);
+        if cm {
+            kernels::bias_act_cm(block, bv, layer.act, n);
+        } else {
+            kernels::bias_act(block, bv, layer.act);
+        }
     };
 
     with_slice(&x.t, name, |xs| -> Result<()> {
@@ -383,7 +417,11 @@ fn linear_cpu(
                     y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                         let xv = Mat::rows(&xs[p * n * inp..(p + 1) * n * inp], n, inp);
                         let wv = Mat::transposed(&ws[p * out * inp..(p + 1) * out * inp], inp, out);
-                        kernels::gemm(block, out, xv, wv);
+                        if cm {
+                            kernels::gemm_cm(block, n, xv, wv);
+                        } else {
+                            kernels::gemm(block, out, xv, wv);
+                        }
                         finish(block, p);
                     });
                 } else {
@@ -394,9 +432,17 @@ fn linear_cpu(
                         let c0 = t * tile;
                         let tc = yc.len() / per;
                         let cols = tc * out;
-                        let mut buf = vec![0.0f32; n * cols];
                         let wv =
                             Mat::transposed(&ws[c0 * out * inp..(c0 + tc) * out * inp], inp, cols);
+                        if cm {
+                            // Column-major [n, cols] is each candidate's [out, n], back to back.
+                            kernels::gemm_cm(yc, n, xv, wv);
+                            for (k, block) in yc.chunks_exact_mut(per).enumerate() {
+                                finish(block, c0 + k);
+                            }
+                            return;
+                        }
+                        let mut buf = vec![0.0f32; n * cols];
                         kernels::gemm(&mut buf, cols, xv, wv);
                         for (k, block) in yc.chunks_exact_mut(per).enumerate() {
                             for (row, dst) in block.chunks_exact_mut(out).enumerate() {

@@ -173,19 +173,34 @@ fn class_labels(name: &str, preds: &Value, targets: &Value) -> Result<(usize, us
     Ok((n, c, labels))
 }
 
-/// The CPU kernel of a class metric: one value per candidate, candidates in parallel.
+/// A class metric's CPU kernel on one candidate's logits: `(logits, c, labels)`.
+type ClassKernel = fn(&[f32], usize, &[usize]) -> f32;
+
+/// The CPU kernel of a class metric: one value per candidate, candidates in parallel. `f` reads
+/// row-major logits `[N, C]`, `f_cm` class-major ones `[C, N]` (what the tiled layers return),
+/// which are read in place.
 fn class_metric_cpu(
     name: &str,
     preds: &Value,
     targets: &Value,
     pop: usize,
-    f: fn(&[f32], usize, &[usize]) -> f32,
+    (f, f_cm): (ClassKernel, ClassKernel),
 ) -> Result<Option<Vec<f32>>> {
     let z = preds.as_tensor()?;
     if !crate::kernels::on_cpu_f32(z) {
         return Ok(None);
     }
     let (n, c, labels) = class_labels(name, preds, targets)?;
+    if preds.is_batched() {
+        let cm = crate::kernels::with_class_major(z, name, |zs| {
+            zs.par_chunks(n * c)
+                .map(|block| f_cm(block, c, &labels))
+                .collect()
+        })?;
+        if cm.is_some() {
+            return Ok(cm);
+        }
+    }
     crate::kernels::with_slice(z, name, |zs| {
         if preds.is_batched() {
             zs.par_chunks(n * c)
@@ -233,7 +248,10 @@ impl Metric for CrossEntropy {
             preds,
             targets,
             pop,
-            crate::kernels::cross_entropy,
+            (
+                crate::kernels::cross_entropy,
+                crate::kernels::cross_entropy_cm,
+            ),
         )? {
             return Ok(v);
         }
@@ -261,7 +279,10 @@ impl Metric for ClassAccuracy {
             preds,
             targets,
             pop,
-            crate::kernels::class_accuracy,
+            (
+                crate::kernels::class_accuracy,
+                crate::kernels::class_accuracy_cm,
+            ),
         )? {
             return Ok(v);
         }
