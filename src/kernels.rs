@@ -467,6 +467,52 @@ pub(crate) fn rank_major(a: &[f32], out: usize, r: usize) -> Vec<f32> {
     t
 }
 
+simd_dispatch!(
+    /// A candidate's class-major block from the shared part and its low-rank term:
+    /// `block[out, n] = base + aᵀ · xbt`, where `xbt` is the candidate's factors as `[r, n]` and
+    /// `a` is `[r, out]`. Each element gets the multiply-adds of [`low_rank_add`] in the same
+    /// order, so the same bits as copying `base` and adding.
+    fn low_rank_add_cm / low_rank_add_cm_avx2(block: &mut [f32], base: &[f32], xbt: &[f32], a: &[f32], r: usize, n: usize) -> () = low_rank_add_cm_inline
+);
+
+#[inline(always)]
+fn low_rank_add_cm_inline(
+    block: &mut [f32],
+    base: &[f32],
+    xbt: &[f32],
+    a: &[f32],
+    r: usize,
+    n: usize,
+) {
+    let n = n.max(1);
+    let out = a.len() / r.max(1);
+    let mut factors = xbt.chunks_exact(n).take(r);
+    // The first term reads the shared part (one pass instead of a copy and an add).
+    match factors.next() {
+        Some(f) => {
+            for ((row, b), &s) in block
+                .chunks_exact_mut(n)
+                .zip(base.chunks_exact(n))
+                .zip(&a[..out])
+            {
+                row.iter_mut()
+                    .zip(b)
+                    .zip(f)
+                    .for_each(|((v, &b), &x)| *v = x.mul_add(s, b));
+            }
+        }
+        None => block.copy_from_slice(base),
+    }
+    for (l, f) in factors.enumerate() {
+        let al = &a[(l + 1) * out..(l + 2) * out];
+        for (row, &s) in block.chunks_exact_mut(n).zip(al) {
+            row.iter_mut()
+                .zip(f)
+                .for_each(|(v, &x)| *v = x.mul_add(s, *v));
+        }
+    }
+}
+
 #[inline(always)]
 fn low_rank_add_inline(
     block: &mut [f32],
@@ -740,6 +786,41 @@ mod tests {
         }
         let tie = [1.0f32, 0.0, 1.0, 0.0]; // [c = 2, n = 2]: both rows tie
         assert_eq!(class_accuracy_cm(&tie, 2, &[1, 0]), 1.0);
+    }
+
+    /// The class-major low-rank update gives the row-major one's bits, transposed, at every rank.
+    #[test]
+    fn class_major_low_rank_add_is_the_transpose_of_low_rank_add() {
+        let (n, out) = (37, 6);
+        for r in [1, 2, 5] {
+            let base: Vec<f32> = (0..n * out).map(|i| (i % 13) as f32 * 0.3 - 1.0).collect();
+            let xb: Vec<f32> = (0..n * r).map(|i| (i % 7) as f32 * 0.21 - 0.5).collect();
+            let a: Vec<f32> = (0..out * r).map(|i| (i % 5) as f32 * 0.17 - 0.3).collect();
+            let am = rank_major(&a, out, r);
+            let mut rm = base.clone();
+            low_rank_add(&mut rm, &xb, r, 0, &am, r);
+            let mut base_t = vec![0.0f32; n * out];
+            let mut xbt = vec![0.0f32; n * r];
+            for i in 0..n {
+                for j in 0..out {
+                    base_t[j * n + i] = base[i * out + j];
+                }
+                for l in 0..r {
+                    xbt[l * n + i] = xb[i * r + l];
+                }
+            }
+            let mut cm = vec![f32::NAN; n * out];
+            low_rank_add_cm(&mut cm, &base_t, &xbt, &am, r, n);
+            for i in 0..n {
+                for j in 0..out {
+                    assert_eq!(
+                        rm[i * out + j].to_bits(),
+                        cm[j * n + i].to_bits(),
+                        "rank {r}"
+                    );
+                }
+            }
+        }
     }
 
     /// `gemm_cm` writes the transpose of what `gemm` writes, with the same bits.

@@ -88,11 +88,14 @@ pub(crate) fn forward(
     // A last layer with per-candidate weights writes each candidate's output class-major,
     // `[out, n]`: its GEMM lands there with no scatter, and the class metrics read it in place
     // (`kernels::with_class_major`). The result is the `[P, n, out]` view of that storage.
-    let last_cm = per_layer.last().is_some_and(|(_, w, _)| match w {
-        ParamChunk::PerCandidate(_) => true,
-        ParamChunk::LowRank { .. } => kernel.materialize_low_rank,
-        ParamChunk::Shared(_) => false,
-    });
+    // So does one with low-rank noise on a shared input (X·Wᵀ and X·[B_1…B_P] land class-major).
+    let mut input_batched = x.batched;
+    for (_, w, b) in &per_layer[..per_layer.len().saturating_sub(1)] {
+        input_batched = writes_batched(input_batched, w, b.as_ref());
+    }
+    let last_cm = per_layer
+        .last()
+        .is_some_and(|(_, w, _)| class_major_path(input_batched, w, kernel.materialize_low_rank));
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
     let run = |mut x: Act,
                c0: usize,
@@ -165,7 +168,9 @@ pub(crate) fn forward(
         let share = pc.div_ceil(rayon::current_num_threads().max(1));
         let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
         let out = layers[layers.len() - 1].out;
-        let mut y = vec![0.0f32; pc * n * out];
+        // Zeroed by all workers (a serial zero-fill of the whole output left one core idle).
+        let mut y = Vec::new();
+        y.par_extend(rayon::iter::repeat_n(0.0f32, pc * n * out));
         y.par_chunks_mut(tc * n * out)
             .enumerate()
             .map(|(t, dst)| {
@@ -330,6 +335,24 @@ fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     with_slice(t, what, <[f32]>::to_vec)
 }
 
+/// Whether a layer's output is per candidate (`[pc, n, out]`) rather than shared (`[n, out]`).
+fn writes_batched(x_batched: bool, w: &ParamChunk, b: Option<&ParamChunk>) -> bool {
+    x_batched
+        || !matches!(w, ParamChunk::Shared(_))
+        || b.is_some_and(|b| !matches!(b, ParamChunk::Shared(_)))
+}
+
+/// Whether [`linear_cpu`] can write a layer's output class-major (`[out, n]` per candidate):
+/// per-candidate weights (or low-rank ones formed per candidate), or low-rank noise on a shared
+/// input.
+fn class_major_path(x_batched: bool, w: &ParamChunk, materialize_low_rank: bool) -> bool {
+    match w {
+        ParamChunk::PerCandidate(_) => true,
+        ParamChunk::LowRank { .. } => materialize_low_rank || !x_batched,
+        ParamChunk::Shared(_) => false,
+    }
+}
+
 /// The CPU kernel of one dense layer for one tile of candidates: GEMMs on raw slices, bias and
 /// activation fused into the pass that leaves each candidate's output.
 fn linear_cpu(
@@ -357,7 +380,8 @@ fn linear_cpu(
     // write into `dst`; the forward asks only then).
     let (y, into_dst, cm): (&mut [f32], bool, bool) = match dst {
         Some((d, class_major)) if batched && d.len() == pc * per => {
-            let cm = class_major && matches!(w, ParamChunk::PerCandidate(_));
+            // (A low-rank chunk formed per candidate arrives here as `PerCandidate`.)
+            let cm = class_major && class_major_path(x.batched, w, false);
             if class_major && !cm {
                 return Err(Error::config(
                     name,
@@ -489,6 +513,25 @@ fn linear_cpu(
                             kernels::project(&mut xb, xp, bt, inp);
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             kernels::low_rank_add(block, &xb, r, 0, ap, r);
+                            finish(block, p);
+                        });
+                    } else if cm {
+                        // The same, class-major: X·Wᵀ as [out, n] once, X·[B_1 … B_P] as
+                        // [pc·r, n] (candidate p's factors are rows p·r..p·r + r), then per
+                        // candidate the rank-r update down whole rows.
+                        let mut y0 = vec![0.0f32; per];
+                        kernels::gemm_cm(&mut y0, n, Mat::rows(xs, n, inp), wt_view);
+                        let mut xbt = vec![0.0f32; n * pc * r];
+                        kernels::gemm_cm(
+                            &mut xbt,
+                            n,
+                            Mat::rows(xs, n, inp),
+                            Mat::rows(&bv, inp, pc * r),
+                        );
+                        y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            let ap = &av[p * out * r..(p + 1) * out * r];
+                            let xp = &xbt[p * r * n..(p + 1) * r * n];
+                            kernels::low_rank_add_cm(block, &y0, xp, ap, r, n);
                             finish(block, p);
                         });
                     } else {

@@ -109,6 +109,27 @@ async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
         );
         assert_eq!(acc[cand], hits as f32 / n as f32);
     }
+    // The same logits stored class-major (the transposed view of [P, C, N], what the tiled
+    // layers return) score the same bits, read in place.
+    let mut zc = vec![0.0f32; p * n * c];
+    for cand in 0..p {
+        for r in 0..n {
+            for k in 0..c {
+                zc[cand * n * c + k * n + r] = z[cand * n * c + r * c + k];
+            }
+        }
+    }
+    let view = Tensor::from_vec(zc, (p, c, n), &Device::Cpu)
+        .and_then(|t| t.transpose(1, 2))
+        .unwrap();
+    assert!(!view.is_contiguous());
+    let pc = Value::batched(view);
+    let ce_cm = metric::cross_entropy().score(&pc, &yv, p).unwrap();
+    let acc_cm = metric::class_accuracy().score(&pc, &yv, p).unwrap();
+    for cand in 0..p {
+        assert_eq!(ce[cand].to_bits(), ce_cm[cand].to_bits());
+        assert_eq!(acc[cand], acc_cm[cand]);
+    }
     // Labels out of range are a typed error naming the example.
     let bad = Tensor::from_vec(vec![9f32; n], n, &Device::Cpu).unwrap();
     let e = metric::cross_entropy()
@@ -116,4 +137,70 @@ async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
     let _ = values;
+}
+
+/// Class metrics on populations: the tiled forward writes the last layer class-major and the
+/// metrics read it in place; every candidate still scores the bits it scores in a chunk of its
+/// own (one candidate: row-major, no tiles), for dense and low-rank noise, one layer and two.
+/// Dense candidates also score those bits evaluated alone from their θ.
+#[tokio::test]
+async fn class_major_population_scores_equal_candidates_scored_alone() {
+    let (n, d, c) = (70usize, 9usize, 4usize);
+    let x = Tensor::from_vec(rows(n, d, 3).concat(), (n, d), &Device::Cpu).unwrap();
+    let y: Vec<f32> = (0..n).map(|i| ((i * 7) % c) as f32).collect();
+    let data = Examples::tensors(x, Tensor::from_vec(y, n, &Device::Cpu).unwrap()).unwrap();
+    let nets: Vec<(&str, HyperFn)> = vec![
+        ("linear", HyperFn::linear("f", d, c, Activation::Identity)),
+        (
+            "linear r1",
+            HyperFn::linear("f", d, c, Activation::Identity).noise_rank(1),
+        ),
+        (
+            "linear r3",
+            HyperFn::linear("f", d, c, Activation::Identity).noise_rank(3),
+        ),
+        (
+            "mlp",
+            HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity),
+        ),
+        (
+            "mlp r2",
+            HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity).noise_rank(2),
+        ),
+    ];
+    for (label, f) in nets {
+        let dense = !label.contains(" r");
+        let net = Chain::new(vec![f]);
+        let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
+        let pop = Es::default()
+            .pop_size(16)
+            .sigma(0.4)
+            .seed(2)
+            .population(&net, &theta, 1)
+            .unwrap();
+        for m in [
+            &metric::cross_entropy() as &dyn Metric,
+            &metric::class_accuracy(),
+        ] {
+            let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
+                .await
+                .unwrap();
+            let one_by_one = evaluate_population(&net, &pop, &data, m, n).await.unwrap();
+            for i in 0..pop.size() {
+                let (a, b) = (all.fitness[i], one_by_one.fitness[i]);
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{label}, candidate {i}: {a} vs {b}"
+                );
+                if dense {
+                    let alone = evaluate(&net, &pop.candidate(i).unwrap(), &data, m)
+                        .await
+                        .unwrap();
+                    assert_eq!(a.to_bits(), alone.to_bits(), "{label}, {i}: {a} vs {alone}");
+                }
+            }
+            assert!(all.fitness.iter().any(|&v| v != all.fitness[0]), "{label}");
+        }
+    }
 }
