@@ -469,16 +469,18 @@ pub(crate) fn rank_major(a: &[f32], out: usize, r: usize) -> Vec<f32> {
 
 simd_dispatch!(
     /// A candidate's class-major block from the shared part and its low-rank term:
-    /// `block[out, n] = base + aᵀ · xbt`, where `xbt` is the candidate's factors as `[r, n]` and
-    /// `a` is `[r, out]`. Each element gets the multiply-adds of [`low_rank_add`] in the same
-    /// order, so the same bits as copying `base` and adding.
-    fn low_rank_add_cm / low_rank_add_cm_avx2(block: &mut [f32], base: &[f32], xbt: &[f32], a: &[f32], r: usize, n: usize) -> () = low_rank_add_cm_inline
+    /// `block[out, n] = base + aᵀ · xbt`, where row `j` of `base` is `base[j·ld..j·ld + n]`,
+    /// `xbt` is the candidate's factors as `[r, n]` and `a` is `[r, out]`. Each element gets the
+    /// multiply-adds of [`low_rank_add`] in the same order, so the same bits as copying `base`
+    /// and adding.
+    fn low_rank_add_cm / low_rank_add_cm_avx2(block: &mut [f32], base: &[f32], ld: usize, xbt: &[f32], a: &[f32], r: usize, n: usize) -> () = low_rank_add_cm_inline
 );
 
 #[inline(always)]
 fn low_rank_add_cm_inline(
     block: &mut [f32],
     base: &[f32],
+    ld: usize,
     xbt: &[f32],
     a: &[f32],
     r: usize,
@@ -486,22 +488,23 @@ fn low_rank_add_cm_inline(
 ) {
     let n = n.max(1);
     let out = a.len() / r.max(1);
+    let base_row = |j: usize| &base[j * ld..j * ld + n];
     let mut factors = xbt.chunks_exact(n).take(r);
     // The first term reads the shared part (one pass instead of a copy and an add).
     match factors.next() {
         Some(f) => {
-            for ((row, b), &s) in block
-                .chunks_exact_mut(n)
-                .zip(base.chunks_exact(n))
-                .zip(&a[..out])
-            {
+            for (j, (row, &s)) in block.chunks_exact_mut(n).zip(&a[..out]).enumerate() {
                 row.iter_mut()
-                    .zip(b)
+                    .zip(base_row(j))
                     .zip(f)
                     .for_each(|((v, &b), &x)| *v = x.mul_add(s, b));
             }
         }
-        None => block.copy_from_slice(base),
+        None => {
+            for (j, row) in block.chunks_exact_mut(n).enumerate() {
+                row.copy_from_slice(base_row(j));
+            }
+        }
     }
     for (l, f) in factors.enumerate() {
         let al = &a[(l + 1) * out..(l + 2) * out];
@@ -810,7 +813,7 @@ mod tests {
                 }
             }
             let mut cm = vec![f32::NAN; n * out];
-            low_rank_add_cm(&mut cm, &base_t, &xbt, &am, r, n);
+            low_rank_add_cm(&mut cm, &base_t, n, &xbt, &am, r, n);
             for i in 0..n {
                 for j in 0..out {
                     assert_eq!(

@@ -85,17 +85,25 @@ pub(crate) fn forward(
         };
         per_layer.push((*l, w, b));
     }
-    // A last layer with per-candidate weights writes each candidate's output class-major,
-    // `[out, n]`: its GEMM lands there with no scatter, and the class metrics read it in place
-    // (`kernels::with_class_major`). The result is the `[P, n, out]` view of that storage.
-    // So does one with low-rank noise on a shared input (X·Wᵀ and X·[B_1…B_P] land class-major).
-    let mut input_batched = x.batched;
-    for (_, w, b) in &per_layer[..per_layer.len().saturating_sub(1)] {
-        input_batched = writes_batched(input_batched, w, b.as_ref());
-    }
-    let last_cm = per_layer
-        .last()
-        .is_some_and(|(_, w, _)| class_major_path(input_batched, w, kernel.materialize_low_rank));
+    // A layer with per-candidate weights or low-rank noise writes each candidate's output
+    // class-major, `[out, n]`, when what reads it can take that: the next layer's per-candidate
+    // GEMMs (a transposed view of their input), or, after the last layer, the class metrics,
+    // which read it in place (`kernels::with_class_major`). Its GEMMs land there with no
+    // scatter. A layer's output is then the `[P, n, out]` view of that storage.
+    let per_candidate = |w: &ParamChunk| match w {
+        ParamChunk::PerCandidate(_) => true,
+        ParamChunk::LowRank { .. } => kernel.materialize_low_rank,
+        ParamChunk::Shared(_) => false,
+    };
+    let cm: Vec<bool> = (0..per_layer.len())
+        .map(|i| {
+            class_major_path(&per_layer[i].1)
+                && per_layer
+                    .get(i + 1)
+                    .is_none_or(|next| per_candidate(&next.1))
+        })
+        .collect();
+    let last_cm = cm.last().copied().unwrap_or(false);
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
     let run = |mut x: Act,
                c0: usize,
@@ -123,12 +131,9 @@ pub(crate) fn forward(
             };
             let next = if kernels::on_cpu_f32(&x.t) {
                 check_input(name, &x, l.inp, tc)?;
-                let d = if i == last {
-                    dst.take().map(|d| (d, last_cm))
-                } else {
-                    None
-                };
-                linear_cpu(name, &x, *l, (&w, b.as_ref()), tc, d, tile_floats)?
+                let d = if i == last { dst.take() } else { None };
+                let out = (d, cm[i]);
+                linear_cpu(name, &x, *l, (&w, b.as_ref()), tc, out, tile_floats)?
             } else {
                 Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
             };
@@ -335,20 +340,13 @@ fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     with_slice(t, what, <[f32]>::to_vec)
 }
 
-/// Whether a layer's output is per candidate (`[pc, n, out]`) rather than shared (`[n, out]`).
-fn writes_batched(x_batched: bool, w: &ParamChunk, b: Option<&ParamChunk>) -> bool {
-    x_batched
-        || !matches!(w, ParamChunk::Shared(_))
-        || b.is_some_and(|b| !matches!(b, ParamChunk::Shared(_)))
-}
-
 /// Whether [`linear_cpu`] can write a layer's output class-major (`[out, n]` per candidate):
-/// per-candidate weights (or low-rank ones formed per candidate), or low-rank noise on a shared
-/// input.
-fn class_major_path(x_batched: bool, w: &ParamChunk, materialize_low_rank: bool) -> bool {
+/// per-candidate weights or low-rank noise (on any input, and whichever low-rank kernel), not
+/// shared weights.
+fn class_major_path(w: &ParamChunk) -> bool {
     match w {
         ParamChunk::PerCandidate(_) => true,
-        ParamChunk::LowRank { .. } => materialize_low_rank || !x_batched,
+        ParamChunk::LowRank { .. } => true,
         ParamChunk::Shared(_) => false,
     }
 }
@@ -361,7 +359,7 @@ fn linear_cpu(
     layer: Layer,
     (w, b): (&ParamChunk, Option<&ParamChunk>),
     pc: usize,
-    dst: Option<(&mut [f32], bool)>,
+    (dst, class_major): (Option<&mut [f32]>, bool),
     tile_floats: usize,
 ) -> Result<Option<Act>> {
     let (inp, out) = (layer.inp, layer.out);
@@ -374,25 +372,27 @@ fn linear_cpu(
     let per_cand_bias = bias.as_ref().is_some_and(|(_, p)| *p);
     let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
     let per = n * out; // floats of one candidate's output
+                       // `class_major` asks for each candidate's output block as `[out, n]`; the forward asks it
+                       // only of layers with per-candidate weights or low-rank noise, whose output is per candidate.
+    let cm = class_major && batched && class_major_path(w);
+    if class_major && !cm {
+        return Err(Error::config(
+            name,
+            "internal: a class-major output was asked of a layer with shared weights",
+        ));
+    }
+    // An input written class-major by the layer before (see `forward`) is read in place as
+    // transposed views by per-candidate GEMMs; anything else reads it row-major.
+    let x_cm = x.batched
+        && matches!(w, ParamChunk::PerCandidate(_))
+        && kernels::with_class_major(&x.t, name, |_| ())?.is_some();
     let mut owned = Vec::new();
-    // `dst`, when given, is this tile's share of the forward's output; `class_major` asks for
-    // each candidate's block as `[out, n]` (honoured with per-candidate weights, which always
-    // write into `dst`; the forward asks only then).
-    let (y, into_dst, cm): (&mut [f32], bool, bool) = match dst {
-        Some((d, class_major)) if batched && d.len() == pc * per => {
-            // (A low-rank chunk formed per candidate arrives here as `PerCandidate`.)
-            let cm = class_major && class_major_path(x.batched, w, false);
-            if class_major && !cm {
-                return Err(Error::config(
-                    name,
-                    "internal: a class-major output was asked of a layer without per-candidate weights",
-                ));
-            }
-            (d, true, cm)
-        }
+    // `dst`, when given, is this tile's share of the forward's output.
+    let (y, into_dst): (&mut [f32], bool) = match dst {
+        Some(d) if batched && d.len() == pc * per => (d, true),
         _ => {
             owned = vec![0.0f32; if batched { pc * per } else { per }];
-            (&mut owned[..], false, false)
+            (&mut owned[..], false)
         }
     };
 
@@ -410,7 +410,7 @@ fn linear_cpu(
         }
     };
 
-    with_slice(&x.t, name, |xs| -> Result<()> {
+    let mut body = |xs: &[f32]| -> Result<()> {
         match w {
             ParamChunk::Shared(wt) => with_slice(wt, name, |ws| {
                 let wt_view = Mat::transposed(ws, inp, out);
@@ -439,7 +439,12 @@ fn linear_cpu(
             ParamChunk::PerCandidate(wt) => with_slice(wt, name, |ws| {
                 if x.batched {
                     y.chunks_mut(per).enumerate().for_each(|(p, block)| {
-                        let xv = Mat::rows(&xs[p * n * inp..(p + 1) * n * inp], n, inp);
+                        let xp = &xs[p * n * inp..(p + 1) * n * inp];
+                        let xv = if x_cm {
+                            Mat::transposed(xp, n, inp)
+                        } else {
+                            Mat::rows(xp, n, inp)
+                        };
                         let wv = Mat::transposed(&ws[p * out * inp..(p + 1) * out * inp], inp, out);
                         if cm {
                             kernels::gemm_cm(block, n, xv, wv);
@@ -502,7 +507,41 @@ fn linear_cpu(
                 })?;
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
-                    if x.batched {
+                    if x.batched && cm {
+                        // The same, class-major: the shared part as one GEMM laid out
+                        // [out, pc·n] (candidate p's part starts at column p·n), then per
+                        // candidate its factors as [r, n] and the update down whole rows.
+                        let mut base_t = vec![0.0f32; pc * per];
+                        kernels::gemm_cm(&mut base_t, pc * n, Mat::rows(xs, pc * n, inp), wt_view);
+                        let mut xb = vec![0.0f32; n * r];
+                        let mut xbt = vec![0.0f32; n * r];
+                        y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            let xp = &xs[p * n * inp..(p + 1) * n * inp];
+                            let bt = &bv[p * r * inp..(p + 1) * r * inp];
+                            kernels::project(&mut xb, xp, bt, inp);
+                            let factors = if r == 1 {
+                                &xb // [n, 1] is [1, n]
+                            } else {
+                                for (i, row) in xb.chunks_exact(r).enumerate() {
+                                    for (l, &v) in row.iter().enumerate() {
+                                        xbt[l * n + i] = v;
+                                    }
+                                }
+                                &xbt
+                            };
+                            let ap = &av[p * out * r..(p + 1) * out * r];
+                            kernels::low_rank_add_cm(
+                                block,
+                                &base_t[p * n..],
+                                pc * n,
+                                factors,
+                                ap,
+                                r,
+                                n,
+                            );
+                            finish(block, p);
+                        });
+                    } else if x.batched {
                         // The shared part as one GEMM over every row of the tile, then per
                         // candidate X_p·B_p (n × r) and the rank-r update in place.
                         kernels::gemm(y, out, Mat::rows(xs, pc * n, inp), wt_view);
@@ -531,7 +570,7 @@ fn linear_cpu(
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             let xp = &xbt[p * r * n..(p + 1) * r * n];
-                            kernels::low_rank_add_cm(block, &y0, xp, ap, r, n);
+                            kernels::low_rank_add_cm(block, &y0, n, xp, ap, r, n);
                             finish(block, p);
                         });
                     } else {
@@ -555,15 +594,29 @@ fn linear_cpu(
                 })
             }
         }
-    })??;
+    };
+    let in_place = if x_cm {
+        kernels::with_class_major(&x.t, name, |xs| body(xs))?
+    } else {
+        None
+    };
+    match in_place {
+        Some(r) => r?,
+        None => with_slice(&x.t, name, |xs| body(xs))??,
+    }
     if into_dst {
         return Ok(None);
     }
-    let dims: Vec<usize> = if batched {
-        vec![pc, n, out]
+    let cpu = &candle_core::Device::Cpu;
+    let t = if cm {
+        Tensor::from_vec(owned, (pc, out, n), cpu).and_then(|t| t.transpose(1, 2))
+    } else if batched {
+        Tensor::from_vec(owned, (pc, n, out), cpu)
     } else {
-        vec![n, out]
+        Tensor::from_vec(owned, (n, out), cpu)
     };
-    let t = Tensor::from_vec(owned, dims, &candle_core::Device::Cpu).at(name)?;
-    Ok(Some(Act { t, batched }))
+    Ok(Some(Act {
+        t: t.at(name)?,
+        batched,
+    }))
 }

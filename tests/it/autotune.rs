@@ -698,7 +698,9 @@ async fn the_window_follows_the_servers_capacity_down_and_back_up() {
         // peak is one refusal), and now and then a refusal arrives for a request sent below
         // the capacity (the server still counted a request its client had finished), which
         // halves the window and costs about 17 calls of recovery. One such dip in 200 calls
-        // leaves about 170 in band; a limiter that drifted away leaves far fewer.
+        // leaves about 170 in band, and on a loaded machine (the suite's CPU-heavy tests
+        // beside this one) two or three dips happen; a limiter that drifted away leaves far
+        // fewer, and its median out of band.
         let mut after = Vec::with_capacity(200);
         while after.len() < 200 {
             after.push(rx.recv().await.unwrap());
@@ -707,7 +709,7 @@ async fn the_window_follows_the_servers_capacity_down_and_back_up() {
         let mut sorted = after.clone();
         sorted.sort_by(f64::total_cmp);
         assert!(
-            kept >= 160 && in_band(sorted[100]),
+            kept >= 140 && in_band(sorted[100]),
             "capacity {capacity}: {kept} of 200 in band: {after:?}"
         );
     }

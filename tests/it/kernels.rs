@@ -164,6 +164,10 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
             HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity),
         ),
         (
+            "mlp r1",
+            HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity).noise_rank(1),
+        ),
+        (
             "mlp r2",
             HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity).noise_rank(2),
         ),
