@@ -336,7 +336,14 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     let m = median(&base);
     let mad = median(&base.iter().map(|x| (x - m).abs()).collect::<Vec<_>>());
     let noise_cv = 1.4826 * mad / m.max(1e-9);
-    let reps = if noise_cv > 0.05 { 5 } else { 3 };
+    // Repetitions per round; a noisy machine gets more (and a lower confidence below). Quick
+    // mode takes fewer and leans on the final paired comparison.
+    let reps = match (opts.mode, noise_cv > 0.05) {
+        (Mode::Quick, true) => 3,
+        (Mode::Quick, false) => 2,
+        (_, true) => 5,
+        (_, false) => 3,
+    };
 
     // Candidates: the grid within the memory budget, ranked analytically.
     let mut candidates: BTreeMap<TensorSettings, Candidate> = BTreeMap::new();
@@ -432,10 +439,16 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             }
         }
         live.sort_by(|a, b| median(&times[b]).total_cmp(&median(&times[a])));
-        let keep = live.len().div_ceil(2).max(2);
+        let before = live.len();
+        let keep = before.div_ceil(2).max(2);
         live.truncate(keep);
         if !live.contains(&default) {
             live.push(default);
+        }
+        // Two leaders and the default put back: halving no longer shrinks the field (this
+        // used to loop until the budget ran out).
+        if live.len() >= before {
+            break;
         }
     }
     // Local search around the leader: halve and double each knob.
@@ -523,7 +536,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             probe,
             leader,
             default,
-            (2 * reps).max(6),
+            (2 * reps).max(if opts.mode == Mode::Quick { 4 } else { 6 }),
             opts.min_sample,
             &mut rng,
         )?
@@ -691,6 +704,25 @@ fn sample(
     }
     let rate = (runs * probe.evals()) as f64 / t.elapsed().as_secs_f64().max(1e-9);
     Ok((rate, f))
+}
+
+/// The speed of `a` relative to `b` (median of `n` samples each, timed interleaved): the
+/// autotune bench re-times a sweep's winner against another setting this way, because a
+/// winner's own sweep samples are biased upwards by having been picked as the best.
+pub(crate) fn head_to_head(
+    probe: &dyn Probe,
+    a: TensorSettings,
+    b: TensorSettings,
+    n: usize,
+    min_sample: std::time::Duration,
+    seed: u64,
+) -> Result<f64> {
+    if a == b {
+        return Ok(1.0);
+    }
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let (ta, tb) = paired(probe, a, b, n, min_sample, &mut rng)?;
+    Ok(median(&ta) / median(&tb).max(1e-12))
 }
 
 /// `n` samples each of `a` and `b`, interleaved in random order so drift hits both alike.
