@@ -761,6 +761,24 @@ mod tests {
         assert_eq!(class_accuracy(&[0.0, 1.0, 2.0, 0.0], 2, &[1, 0]), 1.0);
     }
 
+    /// `v` (`rows × cols`, row-major) transposed.
+    fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0.0f32; v.len()];
+        for i in 0..rows {
+            for j in 0..cols {
+                t[j * rows + i] = v[i * cols + j];
+            }
+        }
+        t
+    }
+
+    fn assert_same_bits(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{what}, element {i}: {x} vs {y}");
+        }
+    }
+
     /// Class-major logits give the row-major kernels' bits, with a partial last block, large
     /// logits (the max shift matters) and ties (accuracy counts a tie as a hit).
     #[test]
@@ -769,12 +787,7 @@ mod tests {
             let z: Vec<f32> = (0..n * c)
                 .map(|i| ((i * 7919) % 1013) as f32 * 0.11 - 50.0)
                 .collect();
-            let mut zt = vec![0.0f32; n * c];
-            for r in 0..n {
-                for k in 0..c {
-                    zt[k * n + r] = z[r * c + k];
-                }
-            }
+            let zt = transpose(&z, n, c);
             let labels: Vec<usize> = (0..n).map(|r| (r * 5) % c).collect();
             let (a, b) = (
                 cross_entropy(&z, c, &labels),
@@ -802,27 +815,10 @@ mod tests {
             let am = rank_major(&a, out, r);
             let mut rm = base.clone();
             low_rank_add(&mut rm, &xb, r, 0, &am, r);
-            let mut base_t = vec![0.0f32; n * out];
-            let mut xbt = vec![0.0f32; n * r];
-            for i in 0..n {
-                for j in 0..out {
-                    base_t[j * n + i] = base[i * out + j];
-                }
-                for l in 0..r {
-                    xbt[l * n + i] = xb[i * r + l];
-                }
-            }
+            let (base_t, xbt) = (transpose(&base, n, out), transpose(&xb, n, r));
             let mut cm = vec![f32::NAN; n * out];
             low_rank_add_cm(&mut cm, &base_t, n, &xbt, &am, r, n);
-            for i in 0..n {
-                for j in 0..out {
-                    assert_eq!(
-                        rm[i * out + j].to_bits(),
-                        cm[j * n + i].to_bits(),
-                        "rank {r}"
-                    );
-                }
-            }
+            assert_same_bits(&transpose(&rm, n, out), &cm, &format!("rank {r}"));
         }
     }
 
@@ -841,15 +837,7 @@ mod tests {
             let mut cm = vec![0.0f32; m * n];
             gemm(&mut rm, n, lhs, rhs);
             gemm_cm(&mut cm, m, lhs, rhs);
-            for i in 0..m {
-                for j in 0..n {
-                    assert_eq!(
-                        rm[i * n + j].to_bits(),
-                        cm[j * m + i].to_bits(),
-                        "{m}×{k}×{n}"
-                    );
-                }
-            }
+            assert_same_bits(&transpose(&rm, m, n), &cm, &format!("{m}×{k}×{n}"));
         }
     }
 }
