@@ -271,8 +271,8 @@ pub(crate) fn tanh(x: f32) -> f32 {
 pub(crate) fn ln(x: f32) -> f32 {
     let bits = x.to_bits();
     let e = ((bits >> 23) & 0xff) as i32 - 127;
-    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
-                                                                // Centre the mantissa on 1 for a faster series: m in [√½, √2).
+    // The mantissa in [1, 2), then centred on 1 for a faster series: m in [√½, √2).
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
     let (m, e) = if m > std::f32::consts::SQRT_2 {
         (m * 0.5, e + 1)
     } else {

@@ -344,11 +344,7 @@ fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
 /// per-candidate weights or low-rank noise (on any input, and whichever low-rank kernel), not
 /// shared weights.
 fn class_major_path(w: &ParamChunk) -> bool {
-    match w {
-        ParamChunk::PerCandidate(_) => true,
-        ParamChunk::LowRank { .. } => true,
-        ParamChunk::Shared(_) => false,
-    }
+    !matches!(w, ParamChunk::Shared(_))
 }
 
 /// The CPU kernel of one dense layer for one tile of candidates: GEMMs on raw slices, bias and
@@ -372,8 +368,9 @@ fn linear_cpu(
     let per_cand_bias = bias.as_ref().is_some_and(|(_, p)| *p);
     let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
     let per = n * out; // floats of one candidate's output
-                       // `class_major` asks for each candidate's output block as `[out, n]`; the forward asks it
-                       // only of layers with per-candidate weights or low-rank noise, whose output is per candidate.
+
+    // `class_major` asks for each candidate's output block as `[out, n]`; the forward asks it
+    // only of layers with per-candidate weights or low-rank noise, whose output is per candidate.
     let cm = class_major && batched && class_major_path(w);
     if class_major && !cm {
         return Err(Error::config(
