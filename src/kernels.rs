@@ -421,7 +421,7 @@ simd_dispatch!(
 
 #[inline(always)]
 fn project_inline(dst: &mut [f32], x: &[f32], bt: &[f32], k: usize) {
-    const L: usize = 16;
+    const L: usize = LANES;
     let r = bt.len() / k.max(1);
     for (row, d) in x.chunks_exact(k).zip(dst.chunks_exact_mut(r)) {
         for (v, b) in d.iter_mut().zip(bt.chunks_exact(k)) {
@@ -436,15 +436,7 @@ fn project_inline(dst: &mut [f32], x: &[f32], bt: &[f32], k: usize) {
             for (i, (&p, &q)) in xt.iter().zip(bt).enumerate() {
                 acc[i] = p.mul_add(q, acc[i]);
             }
-            // A fixed pairwise reduction of the lanes.
-            let mut w = L;
-            while w > 1 {
-                w /= 2;
-                for i in 0..w {
-                    acc[i] += acc[i + w];
-                }
-            }
-            *v = acc[0];
+            *v = reduce_lanes(acc);
         }
     }
 }
@@ -557,14 +549,13 @@ simd_dispatch!(
 fn cross_entropy_inline(logits: &[f32], c: usize, labels: &[usize]) -> f32 {
     let mut total = 0.0f64;
     let mut zt = vec![0.0f32; CE_BLOCK * c];
-    let mut scratch = CeScratch::default();
     for (rows, ys) in logits.chunks(CE_BLOCK * c).zip(labels.chunks(CE_BLOCK)) {
         for (r, row) in rows.chunks_exact(c).enumerate() {
             for (k, &z) in row.iter().enumerate() {
                 zt[k * CE_BLOCK + r] = z;
             }
         }
-        total += f64::from(ce_block(&zt, CE_BLOCK, c, ys, &mut scratch));
+        total += f64::from(ce_block(&zt, CE_BLOCK, c, ys));
     }
     (total / labels.len().max(1) as f64) as f32
 }
@@ -573,40 +564,24 @@ fn cross_entropy_inline(logits: &[f32], c: usize, labels: &[usize]) -> f32 {
 fn cross_entropy_cm_inline(zt: &[f32], c: usize, labels: &[usize]) -> f32 {
     let n = labels.len();
     let mut total = 0.0f64;
-    let mut scratch = CeScratch::default();
     for (b, ys) in labels.chunks(CE_BLOCK).enumerate() {
-        total += f64::from(ce_block(&zt[b * CE_BLOCK..], n, c, ys, &mut scratch));
+        total += f64::from(ce_block(&zt[b * CE_BLOCK..], n, c, ys));
     }
     (total / n.max(1) as f64) as f32
-}
-
-/// Per-row maxima and sums of one block.
-struct CeScratch {
-    m: [f32; CE_BLOCK],
-    sum: [f32; CE_BLOCK],
-}
-
-impl Default for CeScratch {
-    fn default() -> Self {
-        Self {
-            m: [0.0; CE_BLOCK],
-            sum: [0.0; CE_BLOCK],
-        }
-    }
 }
 
 /// Σ over the block's rows of (log-sum-exp − the labelled logit); row `r`'s class `k` is at
 /// `zt[k·ld + r]`, and the block has `ys.len()` rows.
 #[inline(always)]
-fn ce_block(zt: &[f32], ld: usize, c: usize, ys: &[usize], s: &mut CeScratch) -> f32 {
+fn ce_block(zt: &[f32], ld: usize, c: usize, ys: &[usize]) -> f32 {
     let nr = ys.len();
-    let (m, sum) = (&mut s.m[..nr], &mut s.sum[..nr]);
+    let (mut m, mut sum) = ([0.0f32; CE_BLOCK], [0.0f32; CE_BLOCK]);
+    let (m, sum) = (&mut m[..nr], &mut sum[..nr]);
     m.copy_from_slice(&zt[..nr]);
     for k in 1..c {
         let col = &zt[k * ld..k * ld + nr];
         m.iter_mut().zip(col).for_each(|(m, &z)| *m = m.max(z));
     }
-    sum.fill(0.0);
     for k in 0..c {
         let col = &zt[k * ld..k * ld + nr];
         sum.iter_mut()
@@ -621,23 +596,30 @@ fn ce_block(zt: &[f32], ld: usize, c: usize, ys: &[usize], s: &mut CeScratch) ->
     block - picked
 }
 
-/// A sum in 16 lanes, then a fixed pairwise reduction of the lanes (vectorizes, unlike a
-/// sequential float sum).
+/// A sum in 16 lanes, then [`reduce_lanes`] (vectorizes, unlike a sequential float sum).
 #[inline(always)]
 fn lane_sum(v: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0.0f32; L];
-    let chunks = v.chunks_exact(L);
+    let mut acc = [0.0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for i in 0..L {
+        for i in 0..LANES {
             acc[i] += c[i];
         }
     }
     for (a, &x) in acc.iter_mut().zip(rest) {
         *a += x;
     }
-    let mut w = L;
+    reduce_lanes(acc)
+}
+
+/// Accumulator lanes of the fixed-order sums ([`project`], [`lane_sum`]).
+const LANES: usize = 16;
+
+/// The lanes of an accumulator summed in a fixed pairwise order.
+#[inline(always)]
+fn reduce_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES;
     while w > 1 {
         w /= 2;
         for i in 0..w {

@@ -378,11 +378,6 @@ fn linear_cpu(
             "internal: a class-major output was asked of a layer with shared weights",
         ));
     }
-    // An input written class-major by the layer before (see `forward`) is read in place as
-    // transposed views by per-candidate GEMMs; anything else reads it row-major.
-    let x_cm = x.batched
-        && matches!(w, ParamChunk::PerCandidate(_))
-        && kernels::with_class_major(&x.t, name, |_| ())?.is_some();
     let mut owned = Vec::new();
     // `dst`, when given, is this tile's share of the forward's output.
     let (y, into_dst): (&mut [f32], bool) = match dst {
@@ -407,7 +402,8 @@ fn linear_cpu(
         }
     };
 
-    let mut body = |xs: &[f32]| -> Result<()> {
+    // `x_cm`: the input is class-major (written so by the layer before, see `forward`).
+    let mut body = |xs: &[f32], x_cm: bool| -> Result<()> {
         match w {
             ParamChunk::Shared(wt) => with_slice(wt, name, |ws| {
                 let wt_view = Mat::transposed(ws, inp, out);
@@ -460,21 +456,23 @@ fn linear_cpu(
                         let cols = tc * out;
                         let wv =
                             Mat::transposed(&ws[c0 * out * inp..(c0 + tc) * out * inp], inp, cols);
-                        if cm {
-                            // Column-major [n, cols] is each candidate's [out, n], back to back.
+                        // Class-major: column-major [n, cols] is each candidate's [out, n], back
+                        // to back. Row-major: a buffer, scattered per candidate below.
+                        let buf = if cm {
                             kernels::gemm_cm(yc, n, xv, wv);
-                            for (k, block) in yc.chunks_exact_mut(per).enumerate() {
-                                finish(block, c0 + k);
-                            }
-                            return;
-                        }
-                        let mut buf = vec![0.0f32; n * cols];
-                        kernels::gemm(&mut buf, cols, xv, wv);
+                            None
+                        } else {
+                            let mut buf = vec![0.0f32; n * cols];
+                            kernels::gemm(&mut buf, cols, xv, wv);
+                            Some(buf)
+                        };
                         for (k, block) in yc.chunks_exact_mut(per).enumerate() {
-                            for (row, dst) in block.chunks_exact_mut(out).enumerate() {
-                                dst.copy_from_slice(
-                                    &buf[row * cols + k * out..row * cols + (k + 1) * out],
-                                );
+                            if let Some(buf) = &buf {
+                                for (row, dst) in block.chunks_exact_mut(out).enumerate() {
+                                    dst.copy_from_slice(
+                                        &buf[row * cols + k * out..row * cols + (k + 1) * out],
+                                    );
+                                }
                             }
                             finish(block, c0 + k);
                         }
@@ -592,14 +590,16 @@ fn linear_cpu(
             }
         }
     };
-    let in_place = if x_cm {
-        kernels::with_class_major(&x.t, name, |xs| body(xs))?
+    // A class-major input is read in place by per-candidate GEMMs (as transposed views);
+    // anything else reads it row-major (`with_slice` copies a strided view).
+    let in_place = if x.batched && matches!(w, ParamChunk::PerCandidate(_)) {
+        kernels::with_class_major(&x.t, name, |xs| body(xs, true))?
     } else {
         None
     };
     match in_place {
         Some(r) => r?,
-        None => with_slice(&x.t, name, |xs| body(xs))??,
+        None => with_slice(&x.t, name, |xs| body(xs, false))??,
     }
     if into_dst {
         return Ok(None);
