@@ -31,6 +31,15 @@ pub(crate) fn with_slice<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R)
     Ok(f(&data[a..b]))
 }
 
+/// Zeroes uninitialized floats and returns them as initialized.
+pub(crate) fn zeroed(raw: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    raw.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every element was written just above, and `MaybeUninit<f32>` has the size,
+    // alignment and valid bit patterns of `f32`, so the slice may be read as `[f32]`; the
+    // returned borrow is the only one, as `raw`'s was.
+    unsafe { &mut *(std::ptr::from_mut::<[std::mem::MaybeUninit<f32>]>(raw) as *mut [f32]) }
+}
+
 /// Whether a tensor can take the CPU kernels (CPU device, f32).
 pub(crate) fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
@@ -460,50 +469,89 @@ pub(crate) fn rank_major(a: &[f32], out: usize, r: usize) -> Vec<f32> {
 }
 
 simd_dispatch!(
-    /// A candidate's class-major block from the shared part and its low-rank term:
-    /// `block[out, n] = base + aᵀ · xbt`, where row `j` of `base` is `base[j·ld..j·ld + n]`,
-    /// `xbt` is the candidate's factors as `[r, n]` and `a` is `[r, out]`. Each element gets the
-    /// multiply-adds of [`low_rank_add`] in the same order, so the same bits as copying `base`
-    /// and adding.
-    fn low_rank_add_cm / low_rank_add_cm_avx2(block: &mut [f32], base: &[f32], ld: usize, xbt: &[f32], a: &[f32], r: usize, n: usize) -> () = low_rank_add_cm_inline
+    /// A candidate's class-major block from the shared part and its low-rank term, finished:
+    /// `block[out, n] = act(base + aᵀ · xbt + bias)`, where
+    /// - `base` is `(shared, ld)`: row `j` of the shared part is `shared[j·ld..j·ld + n]`; an
+    ///   empty `shared` means it is already in `block` (the update is then made in place);
+    /// - `(xbt, a, r)`: the candidate's factors as `[r, n]` and `a` as `[r, out]`;
+    /// - `(bias, act)`: `bias[j]` (when not empty) is added to row `j`, then the activation.
+    ///
+    /// Each element gets the multiply-adds of [`low_rank_add`] in the same order, then the bias
+    /// and activation of [`bias_act_cm`]: the same bits as those three passes, in one pass
+    /// that finishes a row while it is in cache.
+    fn low_rank_cm / low_rank_cm_avx2(block: &mut [f32], base: (&[f32], usize), factors: (&[f32], &[f32], usize), finish: (&[f32], Activation), n: usize) -> () = low_rank_cm_inline
 );
 
 #[inline(always)]
-fn low_rank_add_cm_inline(
+fn low_rank_cm_inline(
     block: &mut [f32],
-    base: &[f32],
-    ld: usize,
-    xbt: &[f32],
-    a: &[f32],
-    r: usize,
+    (shared, ld): (&[f32], usize),
+    (xbt, a, r): (&[f32], &[f32], usize),
+    (bias, act): (&[f32], Activation),
     n: usize,
 ) {
     let n = n.max(1);
     let out = a.len() / r.max(1);
-    let base_row = |j: usize| &base[j * ld..j * ld + n];
-    let mut factors = xbt.chunks_exact(n).take(r);
-    // The first term reads the shared part (one pass instead of a copy and an add).
-    match factors.next() {
-        Some(f) => {
-            for (j, (row, &s)) in block.chunks_exact_mut(n).zip(&a[..out]).enumerate() {
-                row.iter_mut()
-                    .zip(base_row(j))
+    for (j, row) in block.chunks_exact_mut(n).enumerate() {
+        let mut terms = xbt
+            .chunks_exact(n)
+            .take(r)
+            .zip(a.chunks_exact(out.max(1)).map(|al| al[j]));
+        if !shared.is_empty() {
+            let b = &shared[j * ld..j * ld + n];
+            // The first term reads the shared part (one pass instead of a copy and an add).
+            match terms.next() {
+                Some((f, s)) => row
+                    .iter_mut()
+                    .zip(b)
                     .zip(f)
-                    .for_each(|((v, &b), &x)| *v = x.mul_add(s, b));
+                    .for_each(|((v, &b), &x)| *v = x.mul_add(s, b)),
+                None => row.copy_from_slice(b),
             }
         }
-        None => {
-            for (j, row) in block.chunks_exact_mut(n).enumerate() {
-                row.copy_from_slice(base_row(j));
-            }
-        }
-    }
-    for (l, f) in factors.enumerate() {
-        let al = &a[(l + 1) * out..(l + 2) * out];
-        for (row, &s) in block.chunks_exact_mut(n).zip(al) {
+        for (f, s) in terms {
             row.iter_mut()
                 .zip(f)
                 .for_each(|(v, &x)| *v = x.mul_add(s, *v));
+        }
+        if let Some(&b) = bias.get(j) {
+            row.iter_mut().for_each(|v| *v += b);
+        }
+        activate_inline(act, row);
+    }
+}
+
+simd_dispatch!(
+    /// [`project`] of a class-major input: `dst[r, n] = bt · x`, with `x` one candidate's input
+    /// as `[k, n]` and `bt` its factors as `[r, k]`. Each value is the sum of its `k` products
+    /// in order; whole rows of `x` are read, a register block of columns at a time.
+    fn project_cm / project_cm_avx2(dst: &mut [f32], x: &[f32], bt: &[f32], n: usize) -> () = project_cm_inline
+);
+
+#[inline(always)]
+fn project_cm_inline(dst: &mut [f32], x: &[f32], bt: &[f32], n: usize) {
+    const W: usize = 4 * LANES; // columns held in registers across the whole sum
+    let n = n.max(1);
+    let k = x.len() / n;
+    for (d, b) in dst.chunks_exact_mut(n).zip(bt.chunks_exact(k.max(1))) {
+        let mut c0 = 0;
+        while c0 + W <= n {
+            let mut acc = [0.0f32; W];
+            for (row, &s) in x.chunks_exact(n).zip(b) {
+                let xr = &row[c0..c0 + W];
+                for j in 0..W {
+                    acc[j] = xr[j].mul_add(s, acc[j]);
+                }
+            }
+            d[c0..c0 + W].copy_from_slice(&acc);
+            c0 += W;
+        }
+        let tail = &mut d[c0..];
+        tail.fill(0.0);
+        for (row, &s) in x.chunks_exact(n).zip(b) {
+            tail.iter_mut()
+                .zip(&row[c0..])
+                .for_each(|(v, &xv)| *v = xv.mul_add(s, *v));
         }
     }
 }
@@ -589,11 +637,17 @@ fn ce_block(zt: &[f32], ld: usize, c: usize, ys: &[usize]) -> f32 {
             .zip(&*m)
             .for_each(|((s, &z), &m)| *s += exp(z - m));
     }
-    // Map first (vectorized), reduce after: a float reduction in the same loop would stay scalar.
-    sum.iter_mut().zip(&*m).for_each(|(s, &m)| *s = ln(*s) + m);
-    let block = lane_sum(sum);
-    let picked: f32 = ys.iter().enumerate().map(|(r, &y)| zt[y * ld + r]).sum();
-    block - picked
+    // The labelled logits gathered, then each row's loss mapped (vectorized) and reduced after:
+    // a float reduction in the same loop would stay scalar.
+    let mut picked = [0.0f32; CE_BLOCK];
+    for (p, (r, &y)) in picked.iter_mut().zip(ys.iter().enumerate()) {
+        *p = zt[y * ld + r];
+    }
+    sum.iter_mut()
+        .zip(&*m)
+        .zip(&picked)
+        .for_each(|((s, &m), &z)| *s = ln(*s) + m - z);
+    lane_sum(sum)
 }
 
 /// A sum in 16 lanes, then [`reduce_lanes`] (vectorizes, unlike a sequential float sum).
@@ -799,8 +853,16 @@ mod tests {
             low_rank_add(&mut rm, &xb, r, 0, &am, r);
             let (base_t, xbt) = (transpose(&base, n, out), transpose(&xb, n, r));
             let mut cm = vec![f32::NAN; n * out];
-            low_rank_add_cm(&mut cm, &base_t, n, &xbt, &am, r, n);
+            let none = (&[][..], Activation::Identity);
+            low_rank_cm(&mut cm, (&base_t, n), (&xbt, &am, r), none, n);
             assert_same_bits(&transpose(&rm, n, out), &cm, &format!("rank {r}"));
+            // In place, with the bias and activation of the row-major passes.
+            let bias: Vec<f32> = (0..out).map(|j| j as f32 * 0.1 - 0.2).collect();
+            bias_act(&mut rm, &bias, Activation::Tanh);
+            let mut cm = base_t.clone();
+            let fin = (&bias[..], Activation::Tanh);
+            low_rank_cm(&mut cm, (&[], 0), (&xbt, &am, r), fin, n);
+            assert_same_bits(&transpose(&rm, n, out), &cm, &format!("rank {r}, finished"));
         }
     }
 

@@ -90,26 +90,23 @@ pub(crate) fn forward(
     // GEMMs (a transposed view of their input), or, after the last layer, the class metrics,
     // which read it in place (`kernels::with_class_major`). Its GEMMs land there with no
     // scatter. A layer's output is then the `[P, n, out]` view of that storage.
-    let per_candidate = |w: &ParamChunk| match w {
-        ParamChunk::PerCandidate(_) => true,
-        ParamChunk::LowRank { .. } => kernel.materialize_low_rank,
-        ParamChunk::Shared(_) => false,
-    };
     let cm: Vec<bool> = (0..per_layer.len())
         .map(|i| {
             class_major_path(&per_layer[i].1)
                 && per_layer
                     .get(i + 1)
-                    .is_none_or(|next| per_candidate(&next.1))
+                    .is_none_or(|next| class_major_path(&next.1))
         })
         .collect();
     let last_cm = cm.last().copied().unwrap_or(false);
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
+    // `y0`: the shared part of a low-rank first layer on a shared input, computed once.
     let run = |mut x: Act,
                c0: usize,
                tc: usize,
                narrow: bool,
-               mut dst: Option<&mut [f32]>|
+               mut dst: Option<&mut [f32]>,
+               y0: Option<&[f32]>|
      -> Result<Option<Act>> {
         let last = per_layer.len().saturating_sub(1);
         for (i, (l, w, b)) in per_layer.iter().enumerate() {
@@ -133,7 +130,8 @@ pub(crate) fn forward(
                 check_input(name, &x, l.inp, tc)?;
                 let d = if i == last { dst.take() } else { None };
                 let out = (d, cm[i]);
-                linear_cpu(name, &x, *l, (&w, b.as_ref()), tc, out, tile_floats)?
+                let y0 = if i == 0 { y0 } else { None };
+                linear_cpu(name, &x, *l, (&w, b.as_ref(), y0), tc, out, tile_floats)?
             } else {
                 Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
             };
@@ -151,7 +149,8 @@ pub(crate) fn forward(
                     .is_none_or(|b| matches!(b, ParamChunk::Shared(_)))
         });
     if !kernels::on_cpu_f32(&x.t) || shared || pc == 1 || layers.is_empty() {
-        return run(x.clone(), 0, pc, false, None)?.ok_or_else(|| Error::config(name, "no output"));
+        return run(x.clone(), 0, pc, false, None, None)?
+            .ok_or_else(|| Error::config(name, "no output"));
     }
     let tiled = || -> Result<Act> {
         let n = x.t.dim(usize::from(x.batched)).at(name)?;
@@ -173,12 +172,27 @@ pub(crate) fn forward(
         let share = pc.div_ceil(rayon::current_num_threads().max(1));
         let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
         let out = layers[layers.len() - 1].out;
-        // Zeroed by all workers (a serial zero-fill of the whole output left one core idle).
-        let mut y = Vec::new();
-        y.par_extend(rayon::iter::repeat_n(0.0f32, pc * n * out));
-        y.par_chunks_mut(tc * n * out)
+        // A low-rank first layer on a shared input: its shared part X·W₀ᵀ once, not per tile.
+        let y0 = match &per_layer[0] {
+            (l, ParamChunk::LowRank { base, .. }, _)
+                if !x.batched && !kernel.materialize_low_rank =>
+            {
+                Some(with_slice(&x.t, name, |xs| {
+                    with_slice(base, name, |ws| shared_base(xs, ws, n, *l, cm[0]))
+                })??)
+            }
+            _ => None,
+        };
+        // Each tile's share of the output is zeroed by the worker that fills it, right before,
+        // while it is in that worker's cache (a zero-fill of the whole output up front cost
+        // 13% of a low-rank evaluation).
+        let len = pc * n * out;
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        y.spare_capacity_mut()[..len]
+            .par_chunks_mut(tc * n * out)
             .enumerate()
-            .map(|(t, dst)| {
+            .map(|(t, raw)| {
+                let dst = kernels::zeroed(raw);
                 let c0 = t * tc;
                 let tcur = dst.len() / (n * out);
                 let xt = if x.batched {
@@ -190,7 +204,7 @@ pub(crate) fn forward(
                     x.clone()
                 };
                 // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
-                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst))? {
+                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), y0.as_deref())? {
                     with_slice(&a.t, name, |v| {
                         for block in dst.chunks_exact_mut(v.len()) {
                             block.copy_from_slice(v);
@@ -200,6 +214,9 @@ pub(crate) fn forward(
                 Ok(())
             })
             .collect::<Result<Vec<()>>>()?;
+        // SAFETY: the chunks above cover the first `len` elements, and each was initialized by
+        // `kernels::zeroed` before anything else; `collect` returned `Ok`, so every chunk ran.
+        unsafe { y.set_len(len) };
         let t = if last_cm {
             Tensor::from_vec(y, (pc, out, n), &candle_core::Device::Cpu)
                 .and_then(|t| t.transpose(1, 2))
@@ -336,6 +353,20 @@ impl Kernel {
     }
 }
 
+/// `X · Wᵀ` of a shared input `X` (`n × inp`) and weight `W` (`out × inp`): `[out, n]` when
+/// `class_major`, else `[n, out]`.
+fn shared_base(xs: &[f32], ws: &[f32], n: usize, layer: Layer, class_major: bool) -> Vec<f32> {
+    let (inp, out) = (layer.inp, layer.out);
+    let mut y0 = vec![0.0f32; n * out];
+    let (xv, wv) = (Mat::rows(xs, n, inp), Mat::transposed(ws, inp, out));
+    if class_major {
+        kernels::gemm_cm(&mut y0, n, xv, wv);
+    } else {
+        kernels::gemm(&mut y0, out, xv, wv);
+    }
+    y0
+}
+
 fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     with_slice(t, what, <[f32]>::to_vec)
 }
@@ -353,7 +384,7 @@ fn linear_cpu(
     name: &str,
     x: &Act,
     layer: Layer,
-    (w, b): (&ParamChunk, Option<&ParamChunk>),
+    (w, b, y0): (&ParamChunk, Option<&ParamChunk>, Option<&[f32]>),
     pc: usize,
     (dst, class_major): (Option<&mut [f32]>, bool),
     tile_floats: usize,
@@ -388,13 +419,17 @@ fn linear_cpu(
         }
     };
 
-    // Bias + activation over one candidate's (or the shared) output block.
-    let finish = |block: &mut [f32], cand: usize| {
-        let bv: &[f32] = match &bias {
+    // The bias of one candidate (or the shared one).
+    let bias_of = |cand: usize| -> &[f32] {
+        match &bias {
             Some((bv, true)) => &bv[cand * out..(cand + 1) * out],
             Some((bv, false)) => bv,
             None => &[],
-        };
+        }
+    };
+    // Bias + activation over one candidate's (or the shared) output block.
+    let finish = |block: &mut [f32], cand: usize| {
+        let bv = bias_of(cand);
         if cm {
             kernels::bias_act_cm(block, bv, layer.act, n);
         } else {
@@ -502,7 +537,34 @@ fn linear_cpu(
                 })?;
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
-                    if x.batched && cm {
+                    if x.batched && x_cm {
+                        // A class-major input, `[inp, n]` per candidate: per candidate the
+                        // shared part as one GEMM read through a transposed view, its factors
+                        // `[r, n]` as rows of the input summed down whole rows, and the update.
+                        let mut xbt = vec![0.0f32; r * n];
+                        let mut xb = if cm { Vec::new() } else { vec![0.0f32; n * r] };
+                        y.chunks_mut(per).enumerate().for_each(|(p, block)| {
+                            let xp = &xs[p * n * inp..(p + 1) * n * inp];
+                            let xv = Mat::transposed(xp, n, inp);
+                            let bt = &bv[p * r * inp..(p + 1) * r * inp];
+                            kernels::project_cm(&mut xbt, xp, bt, n);
+                            let ap = &av[p * out * r..(p + 1) * out * r];
+                            if cm {
+                                kernels::gemm_cm(block, n, xv, wt_view);
+                                let fin = (bias_of(p), layer.act);
+                                kernels::low_rank_cm(block, (&[], 0), (&xbt, ap, r), fin, n);
+                            } else {
+                                kernels::gemm(block, out, xv, wt_view);
+                                for (l, row) in xbt.chunks_exact(n).enumerate() {
+                                    for (i, &v) in row.iter().enumerate() {
+                                        xb[i * r + l] = v;
+                                    }
+                                }
+                                kernels::low_rank_add(block, &xb, r, 0, ap, r);
+                                finish(block, p);
+                            }
+                        });
+                    } else if x.batched && cm {
                         // The same, class-major: the shared part as one GEMM laid out
                         // [out, pc·n] (candidate p's part starts at column p·n), then per
                         // candidate its factors as [r, n] and the update down whole rows.
@@ -525,16 +587,9 @@ fn linear_cpu(
                                 &xbt
                             };
                             let ap = &av[p * out * r..(p + 1) * out * r];
-                            kernels::low_rank_add_cm(
-                                block,
-                                &base_t[p * n..],
-                                pc * n,
-                                factors,
-                                ap,
-                                r,
-                                n,
-                            );
-                            finish(block, p);
+                            let base = (&base_t[p * n..], pc * n);
+                            let fin = (bias_of(p), layer.act);
+                            kernels::low_rank_cm(block, base, (factors, ap, r), fin, n);
                         });
                     } else if x.batched {
                         // The shared part as one GEMM over every row of the tile, then per
@@ -553,8 +608,14 @@ fn linear_cpu(
                         // The same, class-major: X·Wᵀ as [out, n] once, X·[B_1 … B_P] as
                         // [pc·r, n] (candidate p's factors are rows p·r..p·r + r), then per
                         // candidate the rank-r update down whole rows.
-                        let mut y0 = vec![0.0f32; per];
-                        kernels::gemm_cm(&mut y0, n, Mat::rows(xs, n, inp), wt_view);
+                        let own;
+                        let y0 = match y0 {
+                            Some(y0) => y0,
+                            None => {
+                                own = shared_base(xs, ws, n, layer, true);
+                                &own
+                            }
+                        };
                         let mut xbt = vec![0.0f32; n * pc * r];
                         kernels::gemm_cm(
                             &mut xbt,
@@ -565,13 +626,19 @@ fn linear_cpu(
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             let xp = &xbt[p * r * n..(p + 1) * r * n];
-                            kernels::low_rank_add_cm(block, &y0, n, xp, ap, r, n);
-                            finish(block, p);
+                            let fin = (bias_of(p), layer.act);
+                            kernels::low_rank_cm(block, (y0, n), (xp, ap, r), fin, n);
                         });
                     } else {
                         // X·Wᵀ once; X·[B_1 … B_P] as one GEMM; then per candidate a rank-r update.
-                        let mut y0 = vec![0.0f32; per];
-                        kernels::gemm(&mut y0, out, Mat::rows(xs, n, inp), wt_view);
+                        let own;
+                        let y0 = match y0 {
+                            Some(y0) => y0,
+                            None => {
+                                own = shared_base(xs, ws, n, layer, false);
+                                &own
+                            }
+                        };
                         let mut xb = vec![0.0f32; n * pc * r];
                         kernels::gemm(
                             &mut xb,
@@ -580,7 +647,7 @@ fn linear_cpu(
                             Mat::rows(&bv, inp, pc * r),
                         );
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
-                            block.copy_from_slice(&y0);
+                            block.copy_from_slice(y0);
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             kernels::low_rank_add(block, &xb, pc * r, p * r, ap, r);
                             finish(block, p);
@@ -590,9 +657,10 @@ fn linear_cpu(
             }
         }
     };
-    // A class-major input is read in place by per-candidate GEMMs (as transposed views);
-    // anything else reads it row-major (`with_slice` copies a strided view).
-    let in_place = if x.batched && matches!(w, ParamChunk::PerCandidate(_)) {
+    // A class-major input is read in place by per-candidate GEMMs (as transposed views) and
+    // low-rank projections; anything else reads it row-major (`with_slice` copies a strided
+    // view).
+    let in_place = if x.batched && class_major_path(w) {
         kernels::with_class_major(&x.t, name, |xs| body(xs, true))?
     } else {
         None
