@@ -46,18 +46,47 @@ pub(crate) fn on_cpu_f32(t: &Tensor) -> bool {
 }
 
 /// `e[p, ..] + base[..]` for every p: the candidates of a dense perturbation (one pass, no
-/// broadcast indexing).
+/// broadcast indexing), the rows shared among all workers (a population's candidates are
+/// megabytes: written by one thread, they kept the other cores waiting).
 pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> {
+    use rayon::prelude::*;
     let dims = e.dims().to_vec();
     let out = with_slice(base, what, |b| {
         with_slice(e, what, |ev| {
-            let mut out = Vec::with_capacity(ev.len());
-            for row in ev.chunks_exact(b.len().max(1)) {
-                out.extend(row.iter().zip(b).map(|(x, y)| x + y));
+            let row = b.len();
+            if ev.is_empty() {
+                return Ok(Vec::new());
             }
-            out
+            if row == 0 || ev.len() % row != 0 {
+                return Err(Error::config(
+                    what,
+                    format!(
+                        "internal: {} perturbation values are not rows of {row}",
+                        ev.len()
+                    ),
+                ));
+            }
+            let task = row * (16_384 / row).max(1); // whole rows, about 64 KiB per task
+            let mut out: Vec<f32> = Vec::with_capacity(ev.len());
+            out.spare_capacity_mut()[..ev.len()]
+                .par_chunks_mut(task)
+                .zip(ev.par_chunks(task))
+                .for_each(|(dst, src)| {
+                    for (d, s) in dst.chunks_exact_mut(row).zip(src.chunks_exact(row)) {
+                        for ((d, &x), &y) in d.iter_mut().zip(s).zip(b) {
+                            d.write(x + y);
+                        }
+                    }
+                });
+            // SAFETY: `dst` and `src` are chunks of the same length, whole rows (`task` and
+            // `ev.len()` are multiples of `row`, checked above), and the loops write every
+            // element of each `dst` row (its `row` elements zip with `row` of `s` and `b`); the
+            // chunks cover the first `ev.len()` elements, and `for_each` returns only once every
+            // chunk has run. So all `ev.len()` elements are initialized.
+            unsafe { out.set_len(ev.len()) };
+            Ok(out)
         })
-    })??;
+    })???;
     Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
 }
 

@@ -391,7 +391,7 @@ impl Mode {
     /// Candidates timed after the analytic ranking (`usize::MAX`: all).
     pub fn candidates(self) -> usize {
         match self {
-            Mode::Quick => 8,
+            Mode::Quick => 5,
             Mode::Normal => 16,
             Mode::Full => usize::MAX,
         }

@@ -8,6 +8,13 @@
 //! passes a correctness gate first: its fitness vector on the probe population must match the
 //! default's. The default is kept unless the winner beats it with a bootstrap 95% interval of the
 //! speedup above 1.
+//!
+//! Quick mode spends about a tenth of an exhaustive sweep: 5 candidates from the ranking (plus
+//! the other low-rank kernel and one thread at the default), three noise samples that are also
+//! the default's timings, screening samples of half the length (the gate's sample is the first
+//! halving round; then one per round, two on a noisy machine), a neighbour of the leader paired
+//! with it only when its one sample beats the leader, and full-length samples for the final
+//! paired comparison that decides.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -250,18 +257,35 @@ impl Options {
     }
 }
 
-/// The candidate grid: tiles × batch sizes, the default first.
+/// The candidate grid: tiles × batch sizes, the default first. The batches are the whole
+/// evaluation and its halves, quarters, eighths and sixteenths, and fixed sizes from 16 Ki to
+/// 1 Mi rows; two batches that cut the evaluation into as many chunks behave alike, so only the
+/// first is kept (the default's when it is one of them).
 fn grid(evals: usize) -> Vec<TensorSettings> {
     let d = TensorSettings::default();
     let mut out = vec![d];
+    let chunks = |s: &TensorSettings| evals.div_ceil(s.max_batch_size.max(1));
+    let batches = [
+        evals,
+        evals / 2,
+        evals / 4,
+        evals / 8,
+        evals / 16,
+        16_384,
+        65_536,
+        262_144,
+        1_048_576,
+    ];
     for tile_k in [16, 32, 64, 128, 256, 512, 1024] {
-        for batch in [evals, 16_384, 65_536, 262_144, 1_048_576] {
+        for batch in batches {
             let s = TensorSettings {
                 tile_floats: tile_k * 1024,
                 max_batch_size: batch.max(1),
                 ..d
             };
-            if !out.contains(&s) {
+            let same =
+                |o: &TensorSettings| o.tile_floats == s.tile_floats && chunks(o) == chunks(&s);
+            if !out.iter().any(same) {
                 out.push(s);
             }
         }
@@ -317,7 +341,15 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         .unwrap_or_else(|| (profile.ram_available_bytes / 4).max(256 << 20));
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
     let default = TensorSettings::default();
-    let time = |s: &TensorSettings| sample(probe, s, opts.min_sample);
+    let quick = opts.mode == Mode::Quick;
+    // Quick mode screens with half-length samples and one sample per candidate per round;
+    // its decision (the final paired comparison) takes full-length samples.
+    let screen_len = if quick {
+        opts.min_sample / 2
+    } else {
+        opts.min_sample
+    };
+    let time = |s: &TensorSettings| sample(probe, s, screen_len);
     let bytes = |s: &TensorSettings| (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64;
     let budget_ms = budget.as_millis() as u64;
     let say = |phase: &str| {
@@ -326,11 +358,15 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             p.report(phase, used, budget_ms, "ms");
         }
     };
-    // Reference fitness and timing noise of the default.
+    // Reference fitness and timing noise of the default (quick: 3 samples, which also count as
+    // the default's timings; otherwise a warm-up run and 5 samples).
     say("noise of the default");
-    let (_, reference) = time(&default)?;
+    let (first_rate, reference) = time(&default)?;
     let mut base = Vec::new();
-    for _ in 0..5 {
+    if quick {
+        base.push(first_rate);
+    }
+    for _ in 0..if quick { 2 } else { 5 } {
         base.push(time(&default)?.0);
     }
     let m = median(&base);
@@ -339,8 +375,8 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     // Repetitions per round; a noisy machine gets more (and a lower confidence below). Quick
     // mode takes fewer and leans on the final paired comparison.
     let reps = match (opts.mode, noise_cv > 0.05) {
-        (Mode::Quick, true) => 3,
-        (Mode::Quick, false) => 2,
+        (Mode::Quick, true) => 2,
+        (Mode::Quick, false) => 1,
         (_, true) => 5,
         (_, false) => 3,
     };
@@ -390,11 +426,12 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             .collect();
         live.extend(twins);
     }
-    // Threads are a knob too: one thread at the default and at the analytic leader.
+    // Threads are a knob too: one thread at the default and (but in quick mode) at the
+    // analytic leader.
     if profile.cores > 1 {
         let twins: Vec<TensorSettings> = live
             .iter()
-            .take(2)
+            .take(if quick { 1 } else { 2 })
             .map(|s| TensorSettings { threads: 1, ..*s })
             .collect();
         live.extend(twins);
@@ -402,10 +439,16 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     // Correctness gate.
     let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
+    if quick {
+        times.insert(default, base.clone());
+    }
     let gate = live.len();
     live.retain(|s| {
         checked += 1;
         say(&format!("correctness gate {checked}/{gate}"));
+        if quick && *s == default {
+            return true; // timed above; its fitness is the reference
+        }
         let (rate, f) = match time(s) {
             Ok(x) => x,
             Err(e) => {
@@ -424,14 +467,19 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     });
     let over = || started.elapsed() >= budget;
     let mut stop_reason = "converged".to_string();
-    // Successive halving, interleaved.
+    // Successive halving, interleaved. In quick mode the gate's samples are the first round.
+    let mut gate_round = quick;
     while live.len() > 2 {
         if over() {
             stop_reason = "budget".into();
             break;
         }
         say(&format!("successive halving: {} candidates", live.len()));
-        for _ in 0..reps {
+        for _ in 0..if std::mem::take(&mut gate_round) {
+            0
+        } else {
+            reps
+        } {
             live.shuffle(&mut rng);
             for s in &live {
                 let (rate, _) = time(s)?;
@@ -514,6 +562,11 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
                 continue;
             }
             times.entry(s).or_default().push(rate);
+            // Quick mode pairs a neighbour with the leader only when its one sample beats the
+            // leader's median.
+            if quick && rate <= median(&times[&leader]) {
+                continue;
+            }
             let mut pair = [s, leader];
             for _ in 0..reps {
                 pair.shuffle(&mut rng);
@@ -532,14 +585,21 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
     // Final: leader against the default, interleaved, paired.
     say("final: the leader against the default");
     let (lead_t, def_t) = if leader != default {
-        paired(
-            probe,
-            leader,
-            default,
-            (2 * reps).max(if opts.mode == Mode::Quick { 4 } else { 6 }),
-            opts.min_sample,
-            &mut rng,
-        )?
+        let pairs = if quick { 4 } else { (2 * reps).max(6) };
+        let (mut lead_t, mut def_t) =
+            paired(probe, leader, default, pairs, opts.min_sample, &mut rng)?;
+        // Quick mode adds pairs, two at a time up to 10, while the leader looks faster by 3% or
+        // more but its interval still holds 1: the samples go where the decision is open.
+        while quick && lead_t.len() < 10 && !over() {
+            let speedup = median(&lead_t) / median(&def_t).max(1e-9);
+            if speedup < 1.03 || bootstrap_ratio(&lead_t, &def_t, &mut rng).0 > 1.0 {
+                break;
+            }
+            let (a, b) = paired(probe, leader, default, 2, opts.min_sample, &mut rng)?;
+            lead_t.extend(a);
+            def_t.extend(b);
+        }
+        (lead_t, def_t)
     } else {
         let d = times.get(&default).cloned().unwrap_or_default();
         (d.clone(), d)
