@@ -100,13 +100,13 @@ pub(crate) fn forward(
         .collect();
     let last_cm = cm.last().copied().unwrap_or(false);
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
-    // `y0`: the shared part of a low-rank first layer on a shared input, computed once.
+    // `hoisted`: what the first layer on a shared input needs, computed once for all tiles.
     let run = |mut x: Act,
                c0: usize,
                tc: usize,
                narrow: bool,
                mut dst: Option<&mut [f32]>,
-               y0: Option<&[f32]>|
+               hoisted: Option<&Hoisted>|
      -> Result<Option<Act>> {
         let last = per_layer.len().saturating_sub(1);
         for (i, (l, w, b)) in per_layer.iter().enumerate() {
@@ -130,8 +130,8 @@ pub(crate) fn forward(
                 check_input(name, &x, l.inp, tc)?;
                 let d = if i == last { dst.take() } else { None };
                 let out = (d, cm[i]);
-                let y0 = if i == 0 { y0 } else { None };
-                linear_cpu(name, &x, *l, (&w, b.as_ref(), y0), tc, out, tile_floats)?
+                let h = if i == 0 { hoisted } else { None };
+                linear_cpu(name, &x, *l, (&w, b.as_ref(), h), tc, out, tile_floats)?
             } else {
                 Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
             };
@@ -172,16 +172,26 @@ pub(crate) fn forward(
         let share = pc.div_ceil(rayon::current_num_threads().max(1));
         let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
         let out = layers[layers.len() - 1].out;
-        // A low-rank first layer on a shared input: its shared part X·W₀ᵀ once, not per tile.
-        let y0 = match &per_layer[0] {
-            (l, ParamChunk::LowRank { base, .. }, _)
-                if !x.batched && !kernel.materialize_low_rank =>
-            {
-                Some(with_slice(&x.t, name, |xs| {
-                    with_slice(base, name, |ws| shared_base(xs, ws, n, *l, cm[0]))
-                })??)
-            }
-            _ => None,
+        // A first layer on a shared input: the input transposed and, with low-rank noise, its
+        // shared part X·W₀ᵀ, once for all tiles.
+        let (l0, w0, _) = &per_layer[0];
+        let hoisted = if x.batched || !cm[0] {
+            None
+        } else {
+            Some(with_slice(&x.t, name, |xs| -> Result<Hoisted> {
+                let y0 = match w0 {
+                    ParamChunk::LowRank { base, .. } if !kernel.materialize_low_rank => {
+                        Some(with_slice(base, name, |ws| {
+                            shared_base(xs, ws, n, *l0, true)
+                        })?)
+                    }
+                    _ => None,
+                };
+                Ok(Hoisted {
+                    xt: Some(transposed_copy(xs, n, l0.inp)),
+                    y0,
+                })
+            })??)
         };
         // Each tile's share of the output is zeroed by the worker that fills it, right before,
         // while it is in that worker's cache (a zero-fill of the whole output up front cost
@@ -204,7 +214,7 @@ pub(crate) fn forward(
                     x.clone()
                 };
                 // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
-                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), y0.as_deref())? {
+                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), hoisted.as_ref())? {
                     with_slice(&a.t, name, |v| {
                         for block in dst.chunks_exact_mut(v.len()) {
                             block.copy_from_slice(v);
@@ -353,6 +363,38 @@ impl Kernel {
     }
 }
 
+/// What a tiled forward computes once for a first layer on a shared input, instead of in every
+/// tile.
+struct Hoisted {
+    /// The input `[n, inp]` transposed, `[inp, n]` row-major: the GEMMs that land class-major
+    /// read it without packing it again (the same products in the same order).
+    xt: Option<Vec<f32>>,
+    /// A low-rank layer's shared part `X·Wᵀ`, class-major `[out, n]`.
+    y0: Option<Vec<f32>>,
+}
+
+/// `x` (`rows × cols`, row-major) transposed into a new `cols × rows` row-major buffer, in
+/// bands of 16 rows (each band's reads stay in cache while it writes 16 contiguous floats per
+/// column).
+fn transposed_copy(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BAND: usize = 16;
+    let mut t = vec![0.0f32; rows * cols];
+    if cols == 0 {
+        return t;
+    }
+    for (b, band) in x.chunks(BAND * cols).take(rows.div_ceil(BAND)).enumerate() {
+        let i0 = b * BAND;
+        let h = band.len() / cols;
+        for j in 0..cols {
+            let dst = &mut t[j * rows + i0..j * rows + i0 + h];
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = band[k * cols + j];
+            }
+        }
+    }
+    t
+}
+
 /// `X · Wᵀ` of a shared input `X` (`n × inp`) and weight `W` (`out × inp`): `[out, n]` when
 /// `class_major`, else `[n, out]`.
 fn shared_base(xs: &[f32], ws: &[f32], n: usize, layer: Layer, class_major: bool) -> Vec<f32> {
@@ -384,7 +426,7 @@ fn linear_cpu(
     name: &str,
     x: &Act,
     layer: Layer,
-    (w, b, y0): (&ParamChunk, Option<&ParamChunk>, Option<&[f32]>),
+    (w, b, hoisted): (&ParamChunk, Option<&ParamChunk>, Option<&Hoisted>),
     pc: usize,
     (dst, class_major): (Option<&mut [f32]>, bool),
     tile_floats: usize,
@@ -399,6 +441,9 @@ fn linear_cpu(
     let per_cand_bias = bias.as_ref().is_some_and(|(_, p)| *p);
     let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
     let per = n * out; // floats of one candidate's output
+    let y0 = hoisted.and_then(|h| h.y0.as_deref());
+    // A shared input as the class-major GEMMs read it best: through its transpose, when hoisted.
+    let xt = hoisted.and_then(|h| h.xt.as_deref());
 
     // `class_major` asks for each candidate's output block as `[out, n]`; the forward asks it
     // only of layers with per-candidate weights or low-rank noise, whose output is per candidate.
@@ -485,6 +530,7 @@ fn linear_cpu(
                     // Fold a tile of candidates into the GEMM's columns: X · [W_p…]ᵀ, then scatter.
                     let tile = (tile_floats / per.max(1)).max(1);
                     let xv = Mat::rows(xs, n, inp);
+                    let xv_cm = xt.map_or(xv, |xt| Mat::transposed(xt, n, inp));
                     y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
                         let c0 = t * tile;
                         let tc = yc.len() / per;
@@ -494,7 +540,7 @@ fn linear_cpu(
                         // Class-major: column-major [n, cols] is each candidate's [out, n], back
                         // to back. Row-major: a buffer, scattered per candidate below.
                         let buf = if cm {
-                            kernels::gemm_cm(yc, n, xv, wv);
+                            kernels::gemm_cm(yc, n, xv_cm, wv);
                             None
                         } else {
                             let mut buf = vec![0.0f32; n * cols];
@@ -620,7 +666,7 @@ fn linear_cpu(
                         kernels::gemm_cm(
                             &mut xbt,
                             n,
-                            Mat::rows(xs, n, inp),
+                            xt.map_or(Mat::rows(xs, n, inp), |xt| Mat::transposed(xt, n, inp)),
                             Mat::rows(&bv, inp, pc * r),
                         );
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
