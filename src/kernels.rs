@@ -1003,4 +1003,50 @@ mod grouping {
             }
         }
     }
+
+    /// The class-major projection is each value's sum of products in order, also in the
+    /// columns past the last register block.
+    #[test]
+    fn class_major_projection_sums_each_column_in_order() {
+        for (n, k, r) in [(64, 9, 1), (70, 5, 2), (131, 32, 3), (3, 4, 1)] {
+            let x = data(k * n, 3);
+            let bt = data(r * k, 5);
+            let mut dst = vec![f32::NAN; r * n];
+            project_cm(&mut dst, &x, &bt, n);
+            for l in 0..r {
+                for t in 0..n {
+                    let want =
+                        (0..k).fold(0.0f32, |acc, i| x[i * n + t].mul_add(bt[l * k + i], acc));
+                    assert_eq!(
+                        dst[l * n + t].to_bits(),
+                        want.to_bits(),
+                        "n {n}, row {l}, col {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Dense candidates: every row of the perturbation plus the base, whatever the split.
+    #[test]
+    fn add_rows_adds_the_base_to_every_row_and_refuses_a_ragged_one() {
+        let dev = candle_core::Device::Cpu;
+        let (rows, cols) = (37, 1000); // several tasks of whole rows, the last one short
+        let e = data(rows * cols, 7);
+        let b = data(cols, 11);
+        let et = Tensor::from_vec(e.clone(), (rows, cols), &dev).unwrap();
+        let bt = Tensor::from_vec(b.clone(), cols, &dev).unwrap();
+        let sum = add_rows(&et, &bt, "t")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, v) in sum.iter().enumerate() {
+            assert_eq!(v.to_bits(), (e[i] + b[i % cols]).to_bits(), "element {i}");
+        }
+        let ragged = Tensor::from_vec(data(10, 1), 10, &dev).unwrap();
+        let three = Tensor::from_vec(data(3, 1), 3, &dev).unwrap();
+        assert!(add_rows(&ragged, &three, "t").is_err());
+    }
 }

@@ -677,14 +677,8 @@ fn linear_cpu(
                         });
                     } else {
                         // X·Wᵀ once; X·[B_1 … B_P] as one GEMM; then per candidate a rank-r update.
-                        let own;
-                        let y0 = match y0 {
-                            Some(y0) => y0,
-                            None => {
-                                own = shared_base(xs, ws, n, layer, false);
-                                &own
-                            }
-                        };
+                        // (A hoisted X·Wᵀ is class-major: only the branch above takes it.)
+                        let y0 = shared_base(xs, ws, n, layer, false);
                         let mut xb = vec![0.0f32; n * pc * r];
                         kernels::gemm(
                             &mut xb,
@@ -693,7 +687,7 @@ fn linear_cpu(
                             Mat::rows(&bv, inp, pc * r),
                         );
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
-                            block.copy_from_slice(y0);
+                            block.copy_from_slice(&y0);
                             let ap = &av[p * out * r..(p + 1) * out * r];
                             kernels::low_rank_add(block, &xb, pc * r, p * r, ap, r);
                             finish(block, p);
