@@ -86,9 +86,10 @@ pub(crate) fn forward(
         per_layer.push((*l, w, b));
     }
     // A layer with per-candidate weights or low-rank noise writes each candidate's output
-    // class-major, `[out, n]`, when what reads it can take that: the next layer's per-candidate
-    // GEMMs (a transposed view of their input), or, after the last layer, the class metrics,
-    // which read it in place (`kernels::with_class_major`). Its GEMMs land there with no
+    // class-major, `[out, n]`, when what reads it can take that: a next layer with per-candidate
+    // weights or low-rank noise (its GEMMs read a transposed view, its low-rank projections
+    // whole rows), or, after the last layer, the class metrics, which read it in place
+    // (`kernels::with_class_major`). Its GEMMs land there with no
     // scatter. A layer's output is then the `[P, n, out]` view of that storage.
     let cm: Vec<bool> = (0..per_layer.len())
         .map(|i| {
