@@ -176,6 +176,7 @@ pub(crate) fn forward(
         // A first layer on a shared input: the input transposed and, with low-rank noise, its
         // shared part X·W₀ᵀ, once for all tiles.
         let (l0, w0, _) = &per_layer[0];
+        check_input(name, &x, l0.inp, pc)?; // before anything reads the input as `[n, inp]`
         let hoisted = if x.batched || !cm[0] {
             None
         } else {
