@@ -31,13 +31,63 @@ pub(crate) fn with_slice<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R)
     Ok(f(&data[a..b]))
 }
 
-/// Zeroes uninitialized floats and returns them as initialized.
-pub(crate) fn zeroed(raw: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
-    raw.fill(std::mem::MaybeUninit::new(0.0));
-    // SAFETY: every element was written just above, and `MaybeUninit<f32>` has the size,
-    // alignment and valid bit patterns of `f32`, so the slice may be read as `[f32]`; the
-    // returned borrow is the only one, as `raw`'s was.
-    unsafe { &mut *(std::ptr::from_mut::<[std::mem::MaybeUninit<f32>]>(raw) as *mut [f32]) }
+/// `len` floats built by all workers, `chunk` at a time (the last chunk may be shorter): each
+/// chunk is zeroed and then filled by `fill(index, chunk)` on the worker that runs it, while it
+/// is in that worker's cache. A zero-fill of the whole buffer up front would pass over memory
+/// that is out of cache again by the time it is filled.
+pub(crate) fn par_filled<E: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) -> std::result::Result<(), E> + Sync + Send,
+) -> std::result::Result<Vec<f32>, E> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .try_for_each(|(i, raw)| {
+            raw.fill(MaybeUninit::new(0.0));
+            // SAFETY: every element of `raw` was written just above, and `MaybeUninit<f32>`
+            // has the size, alignment and valid bit patterns of `f32`, so the slice may be
+            // used as `[f32]`; the new borrow replaces `raw`'s, which is not used again.
+            let dst =
+                unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<f32>]>(raw) as *mut [f32]) };
+            fill(i, dst)
+        })?;
+    // SAFETY: the chunks cover the first `len` elements and each was zeroed before anything
+    // else; `try_for_each` returned `Ok`, so every chunk ran.
+    unsafe { v.set_len(len) };
+    Ok(v)
+}
+
+/// `src` (`rows × cols`, row-major) transposed into `dst` (`cols × rows`, row-major), in bands
+/// of 16 rows: a band's reads stay in cache while each column's 16 values are written together.
+pub(crate) fn transpose_into(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    const BAND: usize = 16;
+    if cols == 0 {
+        return;
+    }
+    for (b, band) in src
+        .chunks(BAND * cols)
+        .take(rows.div_ceil(BAND))
+        .enumerate()
+    {
+        let i0 = b * BAND;
+        let h = band.len() / cols;
+        for j in 0..cols {
+            for (k, d) in dst[j * rows + i0..j * rows + i0 + h].iter_mut().enumerate() {
+                *d = band[k * cols + j];
+            }
+        }
+    }
+}
+
+/// [`transpose_into`] a new buffer.
+pub(crate) fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; rows * cols];
+    transpose_into(&mut t, src, rows, cols);
+    t
 }
 
 /// Whether a tensor can take the CPU kernels (CPU device, f32).
@@ -49,7 +99,6 @@ pub(crate) fn on_cpu_f32(t: &Tensor) -> bool {
 /// broadcast indexing), the rows shared among all workers (a population's candidates are
 /// megabytes: written by one thread, they kept the other cores waiting).
 pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> {
-    use rayon::prelude::*;
     let dims = e.dims().to_vec();
     let out = with_slice(base, what, |b| {
         with_slice(e, what, |ev| {
@@ -67,24 +116,15 @@ pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> 
                 ));
             }
             let task = row * (16_384 / row).max(1); // whole rows, about 64 KiB per task
-            let mut out: Vec<f32> = Vec::with_capacity(ev.len());
-            out.spare_capacity_mut()[..ev.len()]
-                .par_chunks_mut(task)
-                .zip(ev.par_chunks(task))
-                .for_each(|(dst, src)| {
-                    for (d, s) in dst.chunks_exact_mut(row).zip(src.chunks_exact(row)) {
-                        for ((d, &x), &y) in d.iter_mut().zip(s).zip(b) {
-                            d.write(x + y);
-                        }
+            par_filled(ev.len(), task, |t, dst| {
+                let src = &ev[t * task..t * task + dst.len()];
+                for (d, s) in dst.chunks_exact_mut(row).zip(src.chunks_exact(row)) {
+                    for ((d, &x), &y) in d.iter_mut().zip(s).zip(b) {
+                        *d = x + y;
                     }
-                });
-            // SAFETY: `dst` and `src` are chunks of the same length, whole rows (`task` and
-            // `ev.len()` are multiples of `row`, checked above), and the loops write every
-            // element of each `dst` row (its `row` elements zip with `row` of `s` and `b`); the
-            // chunks cover the first `ev.len()` elements, and `for_each` returns only once every
-            // chunk has run. So all `ev.len()` elements are initialized.
-            unsafe { out.set_len(ev.len()) };
-            Ok(out)
+                }
+                Ok::<(), Error>(())
+            })
         })
     })???;
     Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
@@ -488,11 +528,7 @@ pub(crate) fn rank_major(a: &[f32], out: usize, r: usize) -> Vec<f32> {
     }
     let mut t = vec![0.0f32; a.len()];
     for (src, dst) in a.chunks_exact(out * r).zip(t.chunks_exact_mut(out * r)) {
-        for o in 0..out {
-            for j in 0..r {
-                dst[j * out + o] = src[o * r + j];
-            }
-        }
+        transpose_into(dst, src, out, r);
     }
     t
 }

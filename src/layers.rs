@@ -6,7 +6,6 @@
 //! (`X · [B_1 … B_P]`), which keeps the matrix kernels large.
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result, TensorContext};
 use crate::function::Layer;
@@ -190,45 +189,34 @@ pub(crate) fn forward(
                     _ => None,
                 };
                 Ok(Hoisted {
-                    xt: Some(transposed_copy(xs, n, l0.inp)),
+                    xt: kernels::transposed(xs, n, l0.inp),
                     y0,
                 })
             })??)
         };
-        // Each tile's share of the output is zeroed by the worker that fills it, right before,
-        // while it is in that worker's cache (a zero-fill of the whole output up front cost
-        // 13% of a low-rank evaluation).
-        let len = pc * n * out;
-        let mut y: Vec<f32> = Vec::with_capacity(len);
-        y.spare_capacity_mut()[..len]
-            .par_chunks_mut(tc * n * out)
-            .enumerate()
-            .map(|(t, raw)| {
-                let dst = kernels::zeroed(raw);
-                let c0 = t * tc;
-                let tcur = dst.len() / (n * out);
-                let xt = if x.batched {
-                    Act {
-                        t: x.t.narrow(0, c0, tcur).at(name)?,
-                        batched: true,
-                    }
-                } else {
-                    x.clone()
-                };
-                // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
-                if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), hoisted.as_ref())? {
-                    with_slice(&a.t, name, |v| {
-                        for block in dst.chunks_exact_mut(v.len()) {
-                            block.copy_from_slice(v);
-                        }
-                    })?;
+        // Each tile's share of the output is zeroed by the worker that fills it (a zero-fill of
+        // the whole output up front cost 13% of a low-rank evaluation).
+        let y = kernels::par_filled(pc * n * out, tc * n * out, |t, dst| -> Result<()> {
+            let c0 = t * tc;
+            let tcur = dst.len() / (n * out);
+            let xt = if x.batched {
+                Act {
+                    t: x.t.narrow(0, c0, tcur).at(name)?,
+                    batched: true,
                 }
-                Ok(())
-            })
-            .collect::<Result<Vec<()>>>()?;
-        // SAFETY: the chunks above cover the first `len` elements, and each was initialized by
-        // `kernels::zeroed` before anything else; `collect` returned `Ok`, so every chunk ran.
-        unsafe { y.set_len(len) };
+            } else {
+                x.clone()
+            };
+            // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
+            if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), hoisted.as_ref())? {
+                with_slice(&a.t, name, |v| {
+                    for block in dst.chunks_exact_mut(v.len()) {
+                        block.copy_from_slice(v);
+                    }
+                })?;
+            }
+            Ok(())
+        })?;
         let t = if last_cm {
             Tensor::from_vec(y, (pc, out, n), &candle_core::Device::Cpu)
                 .and_then(|t| t.transpose(1, 2))
@@ -370,31 +358,9 @@ impl Kernel {
 struct Hoisted {
     /// The input `[n, inp]` transposed, `[inp, n]` row-major: the GEMMs that land class-major
     /// read it without packing it again (the same products in the same order).
-    xt: Option<Vec<f32>>,
+    xt: Vec<f32>,
     /// A low-rank layer's shared part `X·Wᵀ`, class-major `[out, n]`.
     y0: Option<Vec<f32>>,
-}
-
-/// `x` (`rows × cols`, row-major) transposed into a new `cols × rows` row-major buffer, in
-/// bands of 16 rows (each band's reads stay in cache while it writes 16 contiguous floats per
-/// column).
-fn transposed_copy(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const BAND: usize = 16;
-    let mut t = vec![0.0f32; rows * cols];
-    if cols == 0 {
-        return t;
-    }
-    for (b, band) in x.chunks(BAND * cols).take(rows.div_ceil(BAND)).enumerate() {
-        let i0 = b * BAND;
-        let h = band.len() / cols;
-        for j in 0..cols {
-            let dst = &mut t[j * rows + i0..j * rows + i0 + h];
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d = band[k * cols + j];
-            }
-        }
-    }
-    t
 }
 
 /// `X · Wᵀ` of a shared input `X` (`n × inp`) and weight `W` (`out × inp`): `[out, n]` when
@@ -445,7 +411,7 @@ fn linear_cpu(
     let per = n * out; // floats of one candidate's output
     let y0 = hoisted.and_then(|h| h.y0.as_deref());
     // A shared input as the class-major GEMMs read it best: through its transpose, when hoisted.
-    let xt = hoisted.and_then(|h| h.xt.as_deref());
+    let xt = hoisted.map(|h| &h.xt[..]);
 
     // `class_major` asks for each candidate's output block as `[out, n]`; the forward asks it
     // only of layers with per-candidate weights or low-rank noise, whose output is per candidate.
@@ -603,11 +569,7 @@ fn linear_cpu(
                                 kernels::low_rank_cm(block, (&[], 0), (&xbt, ap, r), fin, n);
                             } else {
                                 kernels::gemm(block, out, xv, wt_view);
-                                for (l, row) in xbt.chunks_exact(n).enumerate() {
-                                    for (i, &v) in row.iter().enumerate() {
-                                        xb[i * r + l] = v;
-                                    }
-                                }
+                                kernels::transpose_into(&mut xb, &xbt, r, n);
                                 kernels::low_rank_add(block, &xb, r, 0, ap, r);
                                 finish(block, p);
                             }
@@ -627,11 +589,7 @@ fn linear_cpu(
                             let factors = if r == 1 {
                                 &xb // [n, 1] is [1, n]
                             } else {
-                                for (i, row) in xb.chunks_exact(r).enumerate() {
-                                    for (l, &v) in row.iter().enumerate() {
-                                        xbt[l * n + i] = v;
-                                    }
-                                }
+                                kernels::transpose_into(&mut xbt, &xb, n, r);
                                 &xbt
                             };
                             let ap = &av[p * out * r..(p + 1) * out * r];
