@@ -340,9 +340,11 @@ def optimize_distributed(
             return True
 
         c0 = time.process_time()
-        for slot in users:  # two ranges in flight per worker hide the round trip
-            submit(slot)
-            submit(slot)
+        # Two ranges in flight per worker hide the round trip. Handed out round-robin, so
+        # every user gets a range even when one worker measured far faster than the others.
+        for _ in range(2):
+            for slot in users:
+                submit(slot)
         chunks = 0
         while inflight:
             ready, _ = _ray.wait(list(inflight), num_returns=1)

@@ -147,6 +147,8 @@ def other_run_state(at):
 @pytest.mark.parametrize("at,message", [(2, "after generation 3, workers hold different θ"),
                                         (3, "at generation 4 was asked for generation 3")])
 def test_workers_that_drift_apart_raise_a_divergence_error(at, message):
+    # at=3: worker 1 is one generation ahead, and its next range request says so. That needs
+    # worker 1 to get a range in generation 3 however slow it measured: ranges go round-robin.
     ckpt = other_run_state(at)
 
     def corrupt(g, driver):
