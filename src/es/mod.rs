@@ -13,7 +13,7 @@ mod update;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -786,8 +786,17 @@ impl Es {
         // clients counted since this one started.
         let usage_base = self.llm_usage();
         let usage_offset = rec.as_ref().map_or((0, 0.0), |r| r.usage_offset());
+        let mut yielded = Instant::now();
 
         loop {
+            // A generation of in-memory work completes without ever returning `Pending`, so a
+            // run would hold its runtime worker for good: the worker would poll no timer and
+            // no socket (another task's `sleep` would never end on a one-worker runtime). Hand
+            // the worker back at a boundary, at most once a millisecond.
+            if yielded.elapsed() >= Duration::from_millis(1) {
+                tokio::task::yield_now().await;
+                yielded = Instant::now();
+            }
             if let Some(why) = self.raised() {
                 (stop, stop_detail) = (StopReason::Signal, Some(why));
                 break;

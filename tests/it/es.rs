@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 use hyperfunc::prelude::*;
-use hyperfunc::StopReason;
+use hyperfunc::{StopReason, StopSignal};
 
 use crate::common::{values, xor_data, xor_net};
 
@@ -319,4 +319,39 @@ async fn two_systems_never_share_theta() {
         .unwrap();
     assert!(ra.theta.bit_eq(&before).unwrap());
     assert!(!ra.theta.bit_eq(&rb.theta).unwrap());
+}
+
+/// A run does not hold its runtime worker for good: on a one-worker runtime, another task's
+/// timer still fires while it runs. (It did not: a generation never returns `Pending`, so the
+/// worker polled no timer, and `hyperfunc bench` once hung in a `sleep` beside a run.)
+#[test]
+fn a_run_lets_another_tasks_timer_fire_on_a_one_worker_runtime() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let report = rt.block_on(async {
+            let stop = StopSignal::new();
+            let es = es().generations(100_000_000).stop_on(stop.clone());
+            let run = tokio::spawn(async move {
+                let (net, data) = (xor_net(Some(2)), xor_data());
+                es.optimize(&net, &data, &metric::bce()).await
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            stop.raise("the timer fired");
+            run.await
+        });
+        let _ = tx.send(report);
+    });
+    // Not a timing assertion: a bound on a hang (the run alone would take hours).
+    let report = rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("the other task's timer never fired while the run held the worker")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Signal);
+    assert!(!report.history.is_empty());
 }
