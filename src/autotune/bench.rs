@@ -75,8 +75,8 @@ pub struct KeyResult {
     /// The quick choice's speed, % of the sweep's best, re-timed head to head against it
     /// (above 100 when the two are equal within noise and quick's came out ahead).
     pub quick_pct_of_best: f64,
-    /// The two quick choices' speeds (each re-timed against the best): their gap, % of the
-    /// larger.
+    /// The two quick choices' speeds, timed head to head against each other: their gap, % of
+    /// the larger (0 when both runs chose the same setting).
     pub repeat_gap_pct: f64,
     /// Quick seconds / exhaustive seconds.
     pub time_ratio: f64,
@@ -124,11 +124,10 @@ pub fn run(specs: &[KeySpec], min_sample: Duration, rounds: usize) -> Result<Aut
         let n = (2 * rounds).max(6);
         let vs_best = |s| tensor::head_to_head(&probe, s, best, n, min_sample, 4);
         let a = vs_best(first.settings)?;
-        let b = if again.settings == first.settings {
-            a
-        } else {
-            vs_best(again.settings)?
-        };
+        // The two choices against each other, directly: each re-timed against the best
+        // instead, their gap would carry the noise of two comparisons.
+        let repeat =
+            tensor::head_to_head(&probe, first.settings, again.settings, n, min_sample, 5)?;
         if cache_hit_us.is_nan() {
             cache_hit_us = time_cache_hit(&first, &probe.key())?;
         }
@@ -143,7 +142,7 @@ pub fn run(specs: &[KeySpec], min_sample: Duration, rounds: usize) -> Result<Aut
             best: best.to_string(),
             best_evals_per_sec: best_rate,
             quick_pct_of_best: 100.0 * a,
-            repeat_gap_pct: 100.0 * (a - b).abs() / a.max(b).max(1e-9),
+            repeat_gap_pct: 100.0 * (repeat - 1.0).abs() / repeat.max(1.0),
             time_ratio: quick_s / exhaustive_s.max(1e-9),
         });
     }
