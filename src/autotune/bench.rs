@@ -118,12 +118,11 @@ pub fn run(specs: &[KeySpec], min_sample: Duration, rounds: usize) -> Result<Aut
         let sweep = tensor::exhaustive(&probe, &opts, rounds, &[first.settings, again.settings])?;
         let exhaustive_s = t.elapsed().as_secs_f64();
         let (best, best_rate) = sweep[0];
-        // Each choice against the sweep's winner, re-timed head to head: the winner's sweep
+        // The first choice against the sweep's winner, re-timed head to head: the winner's sweep
         // samples were picked as the best of many noisy medians, which biases them upwards
         // (by several percent on a noisy machine), so they are not compared directly.
         let n = (2 * rounds).max(6);
-        let vs_best = |s| tensor::head_to_head(&probe, s, best, n, min_sample, 4);
-        let a = vs_best(first.settings)?;
+        let a = tensor::head_to_head(&probe, first.settings, best, n, min_sample, 4)?;
         // The two choices against each other, directly: each re-timed against the best
         // instead, their gap would carry the noise of two comparisons.
         let repeat =
