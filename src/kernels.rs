@@ -34,16 +34,20 @@ pub(crate) fn with_slice<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R)
 /// `len` floats built by all workers, `chunk` at a time (the last chunk may be shorter): each
 /// chunk is zeroed and then filled by `fill(index, chunk)` on the worker that runs it, while it
 /// is in that worker's cache. A zero-fill of the whole buffer up front would pass over memory
-/// that is out of cache again by the time it is filled.
+/// that is out of cache again by the time it is filled. The floats start on a 64-byte boundary
+/// (a cache line), so that the kernels' vector loads and stores never straddle two lines.
 pub(crate) fn par_filled<E: Send>(
     len: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [f32]) -> std::result::Result<(), E> + Sync + Send,
-) -> std::result::Result<Vec<f32>, E> {
+) -> std::result::Result<LineBuf, E> {
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len]
+    let mut v: Vec<f32> = Vec::with_capacity(len + LINE_FLOATS);
+    let at = v.as_ptr().align_offset(64).min(LINE_FLOATS);
+    let (head, rest) = v.spare_capacity_mut().split_at_mut(at);
+    head.fill(MaybeUninit::new(0.0));
+    rest[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
         .try_for_each(|(i, raw)| {
@@ -55,10 +59,62 @@ pub(crate) fn par_filled<E: Send>(
                 unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<f32>]>(raw) as *mut [f32]) };
             fill(i, dst)
         })?;
-    // SAFETY: the chunks cover the first `len` elements and each was zeroed before anything
-    // else; `try_for_each` returned `Ok`, so every chunk ran.
-    unsafe { v.set_len(len) };
-    Ok(v)
+    // SAFETY: the first `at` elements were zeroed above; the chunks cover the next `len` and
+    // each was zeroed before anything else; `try_for_each` returned `Ok`, so every chunk ran.
+    // `at + len` is within the capacity reserved.
+    unsafe { v.set_len(at + len) };
+    Ok(LineBuf { data: v, at })
+}
+
+/// Floats in a 64-byte cache line.
+pub(crate) const LINE_FLOATS: usize = 16;
+
+/// Owned floats that start on a 64-byte boundary (a cache line), so that the kernels' vector
+/// loads and stores never straddle two lines: `len` floats from index `at` of `data` (what
+/// comes before only aligns them). Derefs to those floats.
+pub(crate) struct LineBuf {
+    data: Vec<f32>,
+    at: usize,
+}
+
+impl LineBuf {
+    /// `len` zeros.
+    pub(crate) fn zeros(len: usize) -> LineBuf {
+        let data = vec![0.0f32; len + LINE_FLOATS];
+        let at = data.as_ptr().align_offset(64).min(LINE_FLOATS);
+        let mut data = data;
+        data.truncate(at + len);
+        LineBuf { data, at }
+    }
+
+    /// The floats, as a tensor of `shape` (a view of the buffer: no copy).
+    pub(crate) fn into_tensor(
+        self,
+        shape: impl Into<candle_core::Shape>,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let len = self.data.len() - self.at;
+        let t = Tensor::from_vec(self.data, self.at + len, device)?;
+        let t = if self.at == 0 {
+            t
+        } else {
+            t.narrow(0, self.at, len)?
+        };
+        t.reshape(shape)
+    }
+}
+
+impl std::ops::Deref for LineBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data[self.at..]
+    }
+}
+
+impl std::ops::DerefMut for LineBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[self.at..]
+    }
 }
 
 /// `src` (`rows × cols`, row-major) transposed into `dst` (`cols × rows`, row-major), in bands
@@ -104,7 +160,7 @@ pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> 
         with_slice(e, what, |ev| {
             let row = b.len();
             if ev.is_empty() {
-                return Ok(Vec::new());
+                return Ok(None);
             }
             if row == 0 || ev.len() % row != 0 {
                 return Err(Error::config(
@@ -125,9 +181,14 @@ pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> 
                 }
                 Ok::<(), Error>(())
             })
+            .map(Some)
         })
     })???;
-    Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
+    match out {
+        Some(lined) => lined.into_tensor(dims, e.device()),
+        None => Tensor::from_vec(Vec::<f32>::new(), dims, e.device()),
+    }
+    .map_err(Error::tensor(what))
 }
 
 /// A row-major matrix view: `rows × cols` with the given strides (in elements).
@@ -1200,5 +1261,28 @@ mod grouping {
         let ragged = Tensor::from_vec(data(10, 1), 10, &dev).unwrap();
         let three = Tensor::from_vec(data(3, 1), 3, &dev).unwrap();
         assert!(add_rows(&ragged, &three, "t").is_err());
+    }
+
+    #[test]
+    fn par_filled_floats_start_on_a_cache_line_and_keep_their_values_in_a_tensor() {
+        for len in [0, 1, 17, 1000] {
+            let v = par_filled(len, 7, |i, dst| {
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = (i * 7 + k) as f32;
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+            assert_eq!(v.as_ptr().align_offset(64), 0, "len {len}");
+            assert_eq!(v.len(), len);
+            let t = v.into_tensor((1, len), &candle_core::Device::Cpu).unwrap();
+            let back = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(back, (0..len).map(|k| k as f32).collect::<Vec<_>>());
+            let z = LineBuf::zeros(len);
+            assert_eq!(z.as_ptr().align_offset(64), 0);
+            assert!(z.len() == len && z.iter().all(|&x| x == 0.0));
+        }
+        // A failing chunk fails the whole fill.
+        assert!(par_filled(100, 10, |i, _| if i == 3 { Err(i) } else { Ok(()) }).is_err());
     }
 }

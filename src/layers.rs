@@ -12,6 +12,78 @@ use crate::function::Layer;
 use crate::kernels::{self, with_slice, Mat};
 use crate::population::ParamChunk;
 
+/// A layer's input on the CPU path.
+#[derive(Clone, Copy)]
+enum LayerIn<'a> {
+    /// A tensor: the network's input, or the output of a layer that wrote no per-candidate rows.
+    Act(&'a Act),
+    /// The layer before's per-candidate output in a tile's [`Scratch`]: `[pc, n, inp]`
+    /// row-major, or class-major `[pc, inp, n]` when `cm`.
+    Scratch { data: &'a [f32], n: usize, cm: bool },
+}
+
+/// Two buffers of one worker thread for the activations between a tile's layers, taken for a
+/// tile and put back after it (a tile on the same thread in between, when a worker steals work
+/// while waiting, gets fresh ones). Every kernel path writes its whole output before it reads
+/// any of it, so what a buffer held before is never seen.
+struct Scratch {
+    bufs: [Vec<f32>; 2],
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<[Vec<f32>; 2]> = const {
+        std::cell::Cell::new([Vec::new(), Vec::new()])
+    };
+}
+
+impl Scratch {
+    /// Buffers larger than this (floats) are freed after their tile instead of kept.
+    const KEEP: usize = 4 << 20;
+
+    fn take() -> Scratch {
+        Scratch {
+            bufs: SCRATCH.try_with(std::cell::Cell::take).unwrap_or_default(),
+        }
+    }
+
+    /// `len` floats of `buf` from its first 64-byte boundary (a cache line: the kernels' vector
+    /// loads never straddle two), grown when needed. Debug builds fill them with NaN, so that a
+    /// kernel path reading before it writes fails the tests.
+    fn slice(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        let need = len + kernels::LINE_FLOATS;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let at = Self::line_start(buf);
+        let s = &mut buf[at..at + len];
+        if cfg!(debug_assertions) {
+            s.fill(f32::NAN);
+        }
+        s
+    }
+
+    /// What [`Scratch::slice`] handed out, `len` floats.
+    fn written(buf: &[f32], len: usize) -> Option<&[f32]> {
+        let at = Self::line_start(buf);
+        buf.get(at..at + len)
+    }
+
+    /// The index of `buf`'s first element on a 64-byte boundary (`buf` holds at least that many).
+    fn line_start(buf: &[f32]) -> usize {
+        buf.as_ptr().align_offset(64).min(kernels::LINE_FLOATS)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let bufs = std::mem::take(&mut self.bufs);
+        if bufs.iter().all(|b| b.len() <= Self::KEEP) {
+            // A thread being torn down has no scratch to return to: the buffers are freed.
+            let _ = SCRATCH.try_with(|c| c.set(bufs));
+        }
+    }
+}
+
 /// A tensor with a flag: does it carry the population axis?
 #[derive(Clone)]
 pub(crate) struct Act {
@@ -101,6 +173,8 @@ pub(crate) fn forward(
     let last_cm = cm.last().copied().unwrap_or(false);
     // Runs every layer over candidates [c0, c0 + tc); the last layer writes into `dst` when given.
     // `hoisted`: what the first layer on a shared input needs, computed once for all tiles.
+    // On the CPU a layer's per-candidate output goes to this thread's scratch, where the next
+    // layer reads it: no allocation and no zero-fill per tile.
     let run = |mut x: Act,
                c0: usize,
                tc: usize,
@@ -109,6 +183,10 @@ pub(crate) fn forward(
                hoisted: Option<&Hoisted>|
      -> Result<Option<Act>> {
         let last = per_layer.len().saturating_sub(1);
+        let mut scratch = Scratch::take();
+        // Which scratch buffer holds the activation (else it is `x`), and its rows per candidate.
+        let mut held: Option<usize> = None;
+        let mut n = 0;
         for (i, (l, w, b)) in per_layer.iter().enumerate() {
             let (w, b) = if narrow {
                 (
@@ -126,21 +204,57 @@ pub(crate) fn forward(
                 }
                 w => w,
             };
-            let next = if kernels::on_cpu_f32(&x.t) {
-                check_input(name, &x, l.inp, tc)?;
-                let d = if i == last { dst.take() } else { None };
-                let out = (d, cm[i]);
-                let h = if i == 0 { hoisted } else { None };
-                linear_cpu(name, &x, *l, (&w, b.as_ref(), h), tc, out, tile_floats)?
-            } else {
-                Some(linear(name, &x, *l, &w, b.as_ref(), tc)?)
+            if held.is_none() && !kernels::on_cpu_f32(&x.t) {
+                x = linear(name, &x, *l, &w, b.as_ref(), tc)?;
+                continue;
+            }
+            let [b0, b1] = &mut scratch.bufs;
+            let (input, spare, spare_at) = match held {
+                None => {
+                    check_input(name, &x, l.inp, tc)?;
+                    n = x.t.dim(usize::from(x.batched)).at(name)?;
+                    (LayerIn::Act(&x), b0, 0)
+                }
+                Some(k) => {
+                    let (src, spare) = if k == 0 { (&*b0, b1) } else { (&*b1, b0) };
+                    let data = Scratch::written(src, tc * n * l.inp).ok_or_else(|| {
+                        Error::config(name, "internal: a layer's input is not in the scratch")
+                    })?;
+                    let cm = i > 0 && cm[i - 1];
+                    (LayerIn::Scratch { data, n, cm }, spare, 1 - k)
+                }
             };
-            match next {
-                Some(a) => x = a,
-                None => return Ok(None),
+            let d = if i == last {
+                dst.take()
+            } else {
+                Some(Scratch::slice(spare, tc * n * l.out))
+            };
+            let h = if i == 0 { hoisted } else { None };
+            match linear_cpu(
+                name,
+                input,
+                *l,
+                (&w, b.as_ref(), h),
+                tc,
+                (d, cm[i]),
+                tile_floats,
+            )? {
+                Some(a) => {
+                    x = a;
+                    held = None;
+                }
+                None if i == last => return Ok(None),
+                None => held = Some(spare_at),
             }
         }
-        Ok(Some(x))
+        match held {
+            None => Ok(Some(x)),
+            // Only the last layer's output can end the loop, and it never goes to the scratch.
+            Some(_) => Err(Error::config(
+                name,
+                "internal: the output was left in the scratch",
+            )),
+        }
     };
     let shared = !x.batched
         && per_layer.iter().all(|(_, w, b)| {
@@ -218,10 +332,10 @@ pub(crate) fn forward(
             Ok(())
         })?;
         let t = if last_cm {
-            Tensor::from_vec(y, (pc, out, n), &candle_core::Device::Cpu)
+            y.into_tensor((pc, out, n), &candle_core::Device::Cpu)
                 .and_then(|t| t.transpose(1, 2))
         } else {
-            Tensor::from_vec(y, (pc, n, out), &candle_core::Device::Cpu)
+            y.into_tensor((pc, n, out), &candle_core::Device::Cpu)
         };
         Ok(Act {
             t: t.at(name)?,
@@ -360,14 +474,20 @@ struct Hoisted {
     /// read it without packing it again (the same products in the same order).
     xt: Vec<f32>,
     /// A low-rank layer's shared part `X·Wᵀ`, class-major `[out, n]`.
-    y0: Option<Vec<f32>>,
+    y0: Option<kernels::LineBuf>,
 }
 
 /// `X · Wᵀ` of a shared input `X` (`n × inp`) and weight `W` (`out × inp`): `[out, n]` when
 /// `class_major`, else `[n, out]`.
-fn shared_base(xs: &[f32], ws: &[f32], n: usize, layer: Layer, class_major: bool) -> Vec<f32> {
+fn shared_base(
+    xs: &[f32],
+    ws: &[f32],
+    n: usize,
+    layer: Layer,
+    class_major: bool,
+) -> kernels::LineBuf {
     let (inp, out) = (layer.inp, layer.out);
-    let mut y0 = vec![0.0f32; n * out];
+    let mut y0 = kernels::LineBuf::zeros(n * out);
     let (xv, wv) = (Mat::rows(xs, n, inp), Mat::transposed(ws, inp, out));
     if class_major {
         kernels::gemm_cm(&mut y0, n, xv, wv);
@@ -392,7 +512,7 @@ fn class_major_path(w: &ParamChunk) -> bool {
 /// activation fused into the pass that leaves each candidate's output.
 fn linear_cpu(
     name: &str,
-    x: &Act,
+    x: LayerIn<'_>,
     layer: Layer,
     (w, b, hoisted): (&ParamChunk, Option<&ParamChunk>, Option<&Hoisted>),
     pc: usize,
@@ -400,14 +520,21 @@ fn linear_cpu(
     tile_floats: usize,
 ) -> Result<Option<Act>> {
     let (inp, out) = (layer.inp, layer.out);
-    let n = x.t.dim(usize::from(x.batched)).at(name)?;
+    let x_batched = match x {
+        LayerIn::Act(a) => a.batched,
+        LayerIn::Scratch { .. } => true,
+    };
+    let n = match x {
+        LayerIn::Act(a) => a.t.dim(usize::from(a.batched)).at(name)?,
+        LayerIn::Scratch { n, .. } => n,
+    };
     let bias = match b {
         None => None,
         Some(ParamChunk::Shared(t)) => Some((vec_of(t, name)?, false)),
         Some(other) => Some((vec_of(&other.materialize(pc).at(name)?, name)?, true)),
     };
     let per_cand_bias = bias.as_ref().is_some_and(|(_, p)| *p);
-    let batched = x.batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
+    let batched = x_batched || !matches!(w, ParamChunk::Shared(_)) || per_cand_bias;
     let per = n * out; // floats of one candidate's output
     let y0 = hoisted.and_then(|h| h.y0.as_deref());
     // A shared input as the class-major GEMMs read it best: through its transpose, when hoisted.
@@ -455,7 +582,7 @@ fn linear_cpu(
         match w {
             ParamChunk::Shared(wt) => with_slice(wt, name, |ws| {
                 let wt_view = Mat::transposed(ws, inp, out);
-                if x.batched {
+                if x_batched {
                     // One GEMM over all candidates' rows, in parallel row tiles of whole candidates.
                     let tile = (tile_floats / per.max(1)).max(1);
                     y.chunks_mut(tile * per).enumerate().for_each(|(t, yc)| {
@@ -478,7 +605,7 @@ fn linear_cpu(
                 }
             }),
             ParamChunk::PerCandidate(wt) => with_slice(wt, name, |ws| {
-                if x.batched {
+                if x_batched {
                     y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                         let xp = &xs[p * n * inp..(p + 1) * n * inp];
                         let xv = if x_cm {
@@ -536,7 +663,7 @@ fn linear_cpu(
                 // (the rows a projection dots with), or all candidates side by side as the
                 // columns of one GEMM, [inp, pc·r].
                 let bv = with_slice(fb, name, |s| {
-                    if x.batched {
+                    if x_batched {
                         kernels::rank_major(s, inp, r)
                     } else {
                         let mut cols = vec![0.0f32; inp * pc * r];
@@ -551,11 +678,11 @@ fn linear_cpu(
                 })?;
                 with_slice(base, name, |ws| {
                     let wt_view = Mat::transposed(ws, inp, out);
-                    if x.batched && x_cm {
+                    if x_batched && x_cm {
                         // A class-major input, `[inp, n]` per candidate: per candidate the
                         // shared part as one GEMM read through a transposed view, its factors
                         // `[r, n]` as rows of the input summed down whole rows, and the update.
-                        let mut xbt = vec![0.0f32; r * n];
+                        let mut xbt = kernels::LineBuf::zeros(r * n);
                         let mut xb = if cm { Vec::new() } else { vec![0.0f32; n * r] };
                         y.chunks_mut(per).enumerate().for_each(|(p, block)| {
                             let xp = &xs[p * n * inp..(p + 1) * n * inp];
@@ -574,7 +701,7 @@ fn linear_cpu(
                                 finish(block, p);
                             }
                         });
-                    } else if x.batched && cm {
+                    } else if x_batched && cm {
                         // The same, class-major: the shared part as one GEMM laid out
                         // [out, pc·n] (candidate p's part starts at column p·n), then per
                         // candidate its factors as [r, n] and the update down whole rows.
@@ -597,7 +724,7 @@ fn linear_cpu(
                             let fin = (bias_of(p), layer.act);
                             kernels::low_rank_cm(block, base, (factors, ap, r), fin, n);
                         });
-                    } else if x.batched {
+                    } else if x_batched {
                         // The shared part as one GEMM over every row of the tile, then per
                         // candidate X_p·B_p (n × r) and the rank-r update in place.
                         kernels::gemm(y, out, Mat::rows(xs, pc * n, inp), wt_view);
@@ -622,7 +749,7 @@ fn linear_cpu(
                                 &own
                             }
                         };
-                        let mut xbt = vec![0.0f32; n * pc * r];
+                        let mut xbt = kernels::LineBuf::zeros(n * pc * r);
                         kernels::gemm_cm(
                             &mut xbt,
                             n,
@@ -660,14 +787,19 @@ fn linear_cpu(
     // A class-major input is read in place by per-candidate GEMMs (as transposed views) and
     // low-rank projections; anything else reads it row-major (`with_slice` copies a strided
     // view).
-    let in_place = if x.batched && class_major_path(w) {
-        kernels::with_class_major(&x.t, name, |xs| body(xs, true))?
-    } else {
-        None
-    };
-    match in_place {
-        Some(r) => r?,
-        None => with_slice(&x.t, name, |xs| body(xs, false))??,
+    match x {
+        LayerIn::Scratch { data, cm, .. } => body(data, cm)?,
+        LayerIn::Act(x) => {
+            let in_place = if x.batched && class_major_path(w) {
+                kernels::with_class_major(&x.t, name, |xs| body(xs, true))?
+            } else {
+                None
+            };
+            match in_place {
+                Some(r) => r?,
+                None => with_slice(&x.t, name, |xs| body(xs, false))??,
+            }
+        }
     }
     if into_dst {
         return Ok(None);

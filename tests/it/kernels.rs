@@ -74,6 +74,72 @@ async fn fused_layer_kernels_match_plain_candle_ops() {
     }
 }
 
+/// A network of any depth as a generic tensor body: x [P,N,d0], θ materialized per candidate,
+/// `hidden` after every layer but the last.
+fn deep_reference(dims: &[usize], hidden: Activation) -> HyperFn {
+    let mut specs = Vec::new();
+    for (i, w) in dims.windows(2).enumerate() {
+        specs.push((format!("{i}.weight"), ParamSpec::matrix(w[1], w[0])));
+        specs.push((format!("{i}.bias"), ParamSpec::vector(w[1])));
+    }
+    let layers = dims.len() - 1;
+    HyperFn::tensor_multi("net", specs, move |x, p| {
+        let mut h = x.clone();
+        for i in 0..layers {
+            h = h
+                .matmul(&p[2 * i].transpose(1, 2)?)?
+                .broadcast_add(&p[2 * i + 1].unsqueeze(1)?)?;
+            if i + 1 < layers {
+                h = act(hidden, &h)?;
+            }
+        }
+        Ok(h)
+    })
+}
+
+/// Three and four layers: each hidden activation passes to the next layer through a worker's
+/// scratch buffers (taking turns), in tiles of several candidates, and a worker reuses its
+/// buffers from one tile and one evaluation to the next. Debug builds fill the buffers with NaN
+/// before each layer writes, so a kernel that read its output before writing it would show here.
+#[tokio::test]
+async fn deeper_networks_match_plain_candle_ops() {
+    let data = Examples::from_rows(&rows(37, 6, 5), &rows(37, 3, 6), &Device::Cpu).unwrap();
+    for dims in [&[6, 8, 5, 3][..], &[6, 9, 7, 5, 3]] {
+        for rank in [None, Some(1), Some(2)] {
+            let f = HyperFn::mlp("net", dims, Activation::Tanh, Activation::Identity);
+            let fast = Chain::new(vec![match rank {
+                Some(r) => f.noise_rank(r),
+                None => f,
+            }]);
+            let slow = Chain::new(vec![deep_reference(dims, Activation::Tanh)]);
+            let theta = Theta::init(&fast, 8, &Device::Cpu).unwrap();
+            let pop = Es::default()
+                .pop_size(24)
+                .sigma(0.4)
+                .population(&fast, &theta, 3)
+                .unwrap();
+            let thetas: Vec<Theta> = (0..24).map(|i| pop.candidate(i).unwrap()).collect();
+            let explicit = Population::from_thetas(&thetas).unwrap();
+            let b = evaluate_population(&slow, &explicit, &data, &metric::mse(), 1 << 16)
+                .await
+                .unwrap();
+            // All candidates in one chunk (tiles of up to 12 per worker), then chunks of 2.
+            for max_batch in [1 << 16, 2 * 37] {
+                let a = evaluate_population(&fast, &pop, &data, &metric::mse(), max_batch)
+                    .await
+                    .unwrap();
+                for (x, y) in a.fitness.iter().zip(&b.fitness) {
+                    assert!(
+                        (x - y).abs() <= 2e-6 * y.abs().max(1.0),
+                        "{dims:?}/{rank:?}/{max_batch}: {x} vs {y}"
+                    );
+                }
+            }
+            assert!(b.fitness.iter().any(|&v| v != b.fitness[0]));
+        }
+    }
+}
+
 #[tokio::test]
 async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
     let (p, n, c) = (3usize, 50usize, 7usize);
