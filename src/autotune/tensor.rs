@@ -14,8 +14,9 @@
 //! the default's timings, screening samples of half the length (the gate's sample is the first
 //! halving round; then one per round, two on a noisy machine), a neighbour of the leader paired
 //! with it only when its one sample beats the leader, and full-length samples for the final
-//! paired comparison that decides (4 pairs, two more at a time up to 10 while the leader looks
-//! at least 3% faster but its interval still holds 1).
+//! paired comparison that decides: the best setting other than the default against the default,
+//! even when the default led the screening (4 pairs, two more at a time up to 10 while the
+//! challenger looks at least 3% faster but its interval still holds 1).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -576,12 +577,15 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             }
         }
     }
+    // The final's challenger is the best setting other than the default, even when the default
+    // leads the screening: short screening samples can put a faster setting behind it, and the
+    // default is then kept only once the paired comparison has not shown the challenger faster.
     let leader = times
         .iter()
-        .filter(|(_, v)| v.len() > 1)
+        .filter(|(s, v)| **s != default && v.len() > 1)
         .max_by(|a, b| median(a.1).total_cmp(&median(b.1)))
         .map_or(default, |(s, _)| *s);
-    // Final: leader against the default, interleaved, paired.
+    // Final: the challenger against the default, interleaved, paired.
     say("final: the leader against the default");
     let (lead_t, def_t) = if leader != default {
         let pairs = if quick { 4 } else { (2 * reps).max(6) };

@@ -108,6 +108,52 @@ fn halving_ends_when_the_default_is_the_slowest() {
     assert_ne!(r.settings, TensorSettings::default(), "{}", r.to_markdown());
 }
 
+/// A real MLP probe where every setting but the default does its work three times.
+struct FastDefault(MlpProbe);
+
+impl Probe for FastDefault {
+    fn key(&self) -> ShapeKey {
+        self.0.key()
+    }
+    fn evals(&self) -> usize {
+        self.0.evals()
+    }
+    fn bytes_per_row(&self) -> usize {
+        self.0.bytes_per_row()
+    }
+    fn run(&self, s: &TensorSettings) -> hyperfunc::Result<Vec<f32>> {
+        if *s != TensorSettings::default() {
+            for _ in 0..2 {
+                self.0.run(s)?;
+            }
+        }
+        self.0.run(s)
+    }
+    fn command(&self) -> String {
+        self.0.command()
+    }
+}
+
+/// When the default leads the screening, the best other setting still meets it in the paired
+/// final, and the default is kept on that comparison's evidence: the interval of the
+/// challenger's speedup lies below 1 (it is three times slower).
+#[test]
+fn a_leading_default_is_kept_after_a_paired_final_against_the_best_other_setting() {
+    let probe = FastDefault(MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap());
+    let mut opts = quick();
+    opts.budget = Some(Duration::from_secs(120));
+    opts.min_sample = Duration::from_millis(20);
+    let r = tensor::tune(&probe, &opts).unwrap();
+    assert_eq!(r.settings, TensorSettings::default(), "{}", r.to_markdown());
+    let (lo, hi) = r.speedup_ci;
+    assert!(
+        lo < hi && hi < 1.0,
+        "{:?}\n{}",
+        r.speedup_ci,
+        r.to_markdown()
+    );
+}
+
 #[test]
 fn the_correctness_gate_rejects_a_wrong_kernel_variant() {
     let probe = Rigged {
