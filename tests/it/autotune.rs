@@ -65,29 +65,37 @@ impl Probe for Rigged {
     }
 }
 
-/// A real MLP probe whose default setting does its work ten times (the slowest setting).
-struct SlowDefault(MlpProbe);
+/// A real MLP probe that does its work `default_runs` times under the default setting and
+/// `other_runs` times under every other.
+struct Weighted {
+    inner: MlpProbe,
+    default_runs: usize,
+    other_runs: usize,
+}
 
-impl Probe for SlowDefault {
+impl Probe for Weighted {
     fn key(&self) -> ShapeKey {
-        self.0.key()
+        self.inner.key()
     }
     fn evals(&self) -> usize {
-        self.0.evals()
+        self.inner.evals()
     }
     fn bytes_per_row(&self) -> usize {
-        self.0.bytes_per_row()
+        self.inner.bytes_per_row()
     }
     fn run(&self, s: &TensorSettings) -> hyperfunc::Result<Vec<f32>> {
-        if *s == TensorSettings::default() {
-            for _ in 0..9 {
-                self.0.run(s)?;
-            }
+        let runs = if *s == TensorSettings::default() {
+            self.default_runs
+        } else {
+            self.other_runs
+        };
+        for _ in 1..runs {
+            self.inner.run(s)?;
         }
-        self.0.run(s)
+        self.inner.run(s)
     }
     fn command(&self) -> String {
-        self.0.command()
+        self.inner.command()
     }
 }
 
@@ -96,7 +104,11 @@ impl Probe for SlowDefault {
 /// ran out.
 #[test]
 fn halving_ends_when_the_default_is_the_slowest() {
-    let probe = SlowDefault(MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap());
+    let probe = Weighted {
+        inner: MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap(),
+        default_runs: 10,
+        other_runs: 1,
+    };
     let mut opts = quick();
     opts.budget = Some(Duration::from_secs(120));
     // A default ten times slower, in samples long enough that a test thread preempted by the
@@ -108,38 +120,16 @@ fn halving_ends_when_the_default_is_the_slowest() {
     assert_ne!(r.settings, TensorSettings::default(), "{}", r.to_markdown());
 }
 
-/// A real MLP probe where every setting but the default does its work three times.
-struct FastDefault(MlpProbe);
-
-impl Probe for FastDefault {
-    fn key(&self) -> ShapeKey {
-        self.0.key()
-    }
-    fn evals(&self) -> usize {
-        self.0.evals()
-    }
-    fn bytes_per_row(&self) -> usize {
-        self.0.bytes_per_row()
-    }
-    fn run(&self, s: &TensorSettings) -> hyperfunc::Result<Vec<f32>> {
-        if *s != TensorSettings::default() {
-            for _ in 0..2 {
-                self.0.run(s)?;
-            }
-        }
-        self.0.run(s)
-    }
-    fn command(&self) -> String {
-        self.0.command()
-    }
-}
-
 /// When the default leads the screening, the best other setting still meets it in the paired
 /// final, and the default is kept on that comparison's evidence: the interval of the
 /// challenger's speedup lies below 1 (it is three times slower).
 #[test]
 fn a_leading_default_is_kept_after_a_paired_final_against_the_best_other_setting() {
-    let probe = FastDefault(MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap());
+    let probe = Weighted {
+        inner: MlpProbe::new(&[16, 8, 4], 32, 32, None).unwrap(),
+        default_runs: 1,
+        other_runs: 3,
+    };
     let mut opts = quick();
     opts.budget = Some(Duration::from_secs(120));
     opts.min_sample = Duration::from_millis(20);
