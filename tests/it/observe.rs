@@ -293,6 +293,9 @@ fn calls_emit_tracing_spans_for_users_subscribers() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sub = Spans(seen.clone());
     tracing::subscriber::with_default(sub, || {
+        // Another test thread may have hit the span's callsite first, while no subscriber was
+        // interested, and cached "never" (or a max level of OFF): recompute with this one in.
+        tracing::callsite::rebuild_interest_cache();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
