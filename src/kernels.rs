@@ -44,7 +44,7 @@ pub(crate) fn par_filled<E: Send>(
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
     let mut v: Vec<f32> = Vec::with_capacity(len + LINE_FLOATS);
-    let at = v.as_ptr().align_offset(64).min(LINE_FLOATS);
+    let at = line_start(v.as_ptr());
     let (head, rest) = v.spare_capacity_mut().split_at_mut(at);
     head.fill(MaybeUninit::new(0.0));
     rest[..len]
@@ -69,6 +69,12 @@ pub(crate) fn par_filled<E: Send>(
 /// Floats in a 64-byte cache line.
 pub(crate) const LINE_FLOATS: usize = 16;
 
+/// How many floats from `p` the first 64-byte boundary is (a buffer reserved with
+/// [`LINE_FLOATS`] spare floats always has it within reach).
+pub(crate) fn line_start(p: *const f32) -> usize {
+    p.align_offset(64).min(LINE_FLOATS)
+}
+
 /// Owned floats that start on a 64-byte boundary (a cache line), so that the kernels' vector
 /// loads and stores never straddle two lines: `len` floats from index `at` of `data` (what
 /// comes before only aligns them). Derefs to those floats.
@@ -80,9 +86,8 @@ pub(crate) struct LineBuf {
 impl LineBuf {
     /// `len` zeros.
     pub(crate) fn zeros(len: usize) -> LineBuf {
-        let data = vec![0.0f32; len + LINE_FLOATS];
-        let at = data.as_ptr().align_offset(64).min(LINE_FLOATS);
-        let mut data = data;
+        let mut data = vec![0.0f32; len + LINE_FLOATS];
+        let at = line_start(data.as_ptr());
         data.truncate(at + len);
         LineBuf { data, at }
     }
@@ -93,14 +98,10 @@ impl LineBuf {
         shape: impl Into<candle_core::Shape>,
         device: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let len = self.data.len() - self.at;
-        let t = Tensor::from_vec(self.data, self.at + len, device)?;
-        let t = if self.at == 0 {
-            t
-        } else {
-            t.narrow(0, self.at, len)?
-        };
-        t.reshape(shape)
+        let (all, len) = (self.data.len(), self.data.len() - self.at);
+        Tensor::from_vec(self.data, all, device)?
+            .narrow(0, self.at, len)?
+            .reshape(shape)
     }
 }
 

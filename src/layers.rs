@@ -54,7 +54,7 @@ impl Scratch {
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
-        let at = Self::line_start(buf);
+        let at = kernels::line_start(buf.as_ptr());
         let s = &mut buf[at..at + len];
         if cfg!(debug_assertions) {
             s.fill(f32::NAN);
@@ -64,13 +64,8 @@ impl Scratch {
 
     /// What [`Scratch::slice`] handed out, `len` floats.
     fn written(buf: &[f32], len: usize) -> Option<&[f32]> {
-        let at = Self::line_start(buf);
+        let at = kernels::line_start(buf.as_ptr());
         buf.get(at..at + len)
-    }
-
-    /// The index of `buf`'s first element on a 64-byte boundary (`buf` holds at least that many).
-    fn line_start(buf: &[f32]) -> usize {
-        buf.as_ptr().align_offset(64).min(kernels::LINE_FLOATS)
     }
 }
 
@@ -520,13 +515,9 @@ fn linear_cpu(
     tile_floats: usize,
 ) -> Result<Option<Act>> {
     let (inp, out) = (layer.inp, layer.out);
-    let x_batched = match x {
-        LayerIn::Act(a) => a.batched,
-        LayerIn::Scratch { .. } => true,
-    };
-    let n = match x {
-        LayerIn::Act(a) => a.t.dim(usize::from(a.batched)).at(name)?,
-        LayerIn::Scratch { n, .. } => n,
+    let (x_batched, n) = match x {
+        LayerIn::Act(a) => (a.batched, a.t.dim(usize::from(a.batched)).at(name)?),
+        LayerIn::Scratch { n, .. } => (true, n),
     };
     let bias = match b {
         None => None,
