@@ -382,25 +382,26 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(scale)
 }
 
-/// `tanh(x)` with absolute error below 3e-7 (branch-free, vectorizable): a 13/6 odd/even
-/// rational approximation on [−7.9, 7.9] (the form Eigen uses), one division, no exponential.
+/// `tanh(x)` with absolute error below 3e-7 (branch-free, vectorizable): a minimax rational
+/// approximation of the form `x·P(x²)/Q(x²)` with `P` of degree 5 and `Q` of degree 3 on
+/// [−8.3, 8.3] (where `1 − tanh` falls below 1.3e-7), one division, no exponential. (Eigen's
+/// form has degree 6 over 3; the refit reaches the same accuracy with one multiply-add less.)
 #[inline(always)]
 pub(crate) fn tanh(x: f32) -> f32 {
-    let x = x.clamp(-7.905_311, 7.905_311);
+    let x = x.clamp(-8.3, 8.3);
     let x2 = x * x;
-    let mut p: f32 = -2.760_768_5e-16;
+    let mut p: f32 = 2.084_899_7e-11;
     for c in [
-        2.000_188e-13,
-        -8.604_672e-11,
-        5.122_297e-8,
-        1.485_722_4e-5,
-        6.372_619_3e-4,
-        4.893_524_6e-3,
+        -1.372_366_8e-8,
+        9.562_412e-6,
+        2.951_630_1e-3,
+        0.129_474_02,
+        0.999_999_9,
     ] {
         p = p.mul_add(x2, c);
     }
-    let mut q: f32 = 1.198_258_4e-6;
-    for c in [1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3] {
+    let mut q: f32 = 2.324_529_6e-4;
+    for c in [2.388_792_5e-2, 0.462_806_73, 1.0] {
         q = q.mul_add(x2, c);
     }
     x * p / q
@@ -972,6 +973,15 @@ mod tests {
         }
         assert_eq!(exp(-1000.0), exp(-87.0));
         assert!((tanh(50.0) - 1.0).abs() < 3e-7 && (tanh(-50.0) + 1.0).abs() < 3e-7);
+        // tanh densely against the f64 reference, through the clamp: 400,001 points on
+        // [−10, 10], every region of the rational approximation.
+        let worst = (-200_000..=200_000)
+            .map(|i| {
+                let x = i as f32 * 5e-5;
+                (f64::from(tanh(x)) - f64::from(x).tanh()).abs()
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 3e-7, "tanh is off by up to {worst:e}");
     }
 
     #[test]
