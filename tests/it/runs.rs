@@ -499,6 +499,11 @@ async fn retention_keeps_the_last_and_the_best_and_files_match() {
 }
 
 fn kill_and_resume_round(dir: &str, seed_ms: u64, after: usize) -> (bool, usize) {
+    let store = RunStore::open(dir).unwrap();
+    let run = RunId(1);
+    // Each round's process must get as far as a generation of its own (so it has resumed and
+    // recorded that) before it is killed: a fast build can have passed `after` already.
+    let target = after.max(store.generations(run).map_or(0, |g| g.len()) + 1);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hyperfunc"))
         .args([
             "train",
@@ -517,11 +522,9 @@ fn kill_and_resume_round(dir: &str, seed_ms: u64, after: usize) -> (bool, usize)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let store = RunStore::open(dir).unwrap();
-    let run = RunId(1);
     let t = Instant::now();
     loop {
-        if store.generations(run).map(|g| g.len()).unwrap_or(0) >= after {
+        if store.generations(run).map(|g| g.len()).unwrap_or(0) >= target {
             break;
         }
         if child.try_wait().unwrap().is_some() || t.elapsed() > Duration::from_secs(60) {
