@@ -203,6 +203,46 @@ async fn pause_set_resume_and_stop_from_another_task() {
     assert_eq!(store.info(run).unwrap().status, "stopped");
 }
 
+/// Commands sent while the run writes (rows, applied commands, events) all land. Each is one
+/// transaction that reads the run, then inserts: begun deferred, it failed at once with
+/// "database is locked" whenever the run committed between its read and its insert (about one
+/// command in sixty in `hyperfunc bench`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_while_the_run_writes_all_land() {
+    let dir = temp_dir("busy");
+    let store = RunStore::open(&dir).unwrap();
+    let es = xor_es(&store, 1_000_000).checkpoints(Checkpoints::default());
+    let run = store.create("xor", &es).unwrap();
+    let task = tokio::spawn({
+        let es = es.clone().run(run);
+        async move {
+            es.optimize(&xor_net(None), &xor_data(), &metric::bce())
+                .await
+        }
+    });
+    wait_for("a few generations", || {
+        store.generations(run).unwrap().len() >= 5
+    });
+    let ctl = store.control(run).source("test");
+    let n = 300;
+    for i in 0..n {
+        if let Err(e) = ctl.set("lr", 0.05 + 1e-4 * i as f64) {
+            let _ = ctl.stop();
+            panic!("command {i} of {n} failed: {e}");
+        }
+    }
+    ctl.stop().unwrap();
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.stop, StopReason::Command);
+    let sets = store
+        .commands(run)
+        .unwrap()
+        .into_iter()
+        .filter(|c| matches!(c.action, Action::Set(_)))
+        .count();
+    assert_eq!(sets, n);
+}
+
 /// A system whose `hang_at`-th evaluation never finishes.
 struct Hang {
     net: Chain,
