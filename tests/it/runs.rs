@@ -157,10 +157,15 @@ async fn scheduled_commands_apply_at_their_boundary_are_logged_and_replay_bit_fo
     assert!(err.contains("seed: 7 → 8"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_set_resume_and_stop_from_another_task() {
-    let dir = temp_dir("pause");
-    let store = RunStore::open(&dir).unwrap();
+/// A long XOR run (adaptive checkpoints) started in the background, and its store.
+fn spawn_xor_run(
+    name: &str,
+) -> (
+    RunStore,
+    RunId,
+    tokio::task::JoinHandle<hyperfunc::Result<hyperfunc::Report>>,
+) {
+    let store = RunStore::open(temp_dir(name)).unwrap();
     let es = xor_es(&store, 1_000_000).checkpoints(Checkpoints::default());
     let run = store.create("xor", &es).unwrap();
     let task = tokio::spawn({
@@ -170,6 +175,12 @@ async fn pause_set_resume_and_stop_from_another_task() {
                 .await
         }
     });
+    (store, run, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_set_resume_and_stop_from_another_task() {
+    let (store, run, task) = spawn_xor_run("pause");
     let gens = |s: &RunStore| s.generations(run).unwrap().len();
     wait_for("a few generations", || gens(&store) >= 5);
     let ctl = store.control(run).source("test");
@@ -209,17 +220,7 @@ async fn pause_set_resume_and_stop_from_another_task() {
 /// command in sixty in `hyperfunc bench`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_sent_while_the_run_writes_all_land() {
-    let dir = temp_dir("busy");
-    let store = RunStore::open(&dir).unwrap();
-    let es = xor_es(&store, 1_000_000).checkpoints(Checkpoints::default());
-    let run = store.create("xor", &es).unwrap();
-    let task = tokio::spawn({
-        let es = es.clone().run(run);
-        async move {
-            es.optimize(&xor_net(None), &xor_data(), &metric::bce())
-                .await
-        }
-    });
+    let (store, run, task) = spawn_xor_run("busy");
     wait_for("a few generations", || {
         store.generations(run).unwrap().len() >= 5
     });
