@@ -290,12 +290,30 @@ impl tracing::Subscriber for Spans {
 
 #[test]
 fn calls_emit_tracing_spans_for_users_subscribers() {
+    // `tracing` caches per callsite whether any subscriber is interested. Another test thread
+    // that reaches the span's callsite first, with no subscriber of its own, can cache "never"
+    // and hide the spans from this test's scoped subscriber (it happened in CI, even with the
+    // cache rebuilt). So the check runs in a process of its own: this test binary again,
+    // filtered to this one test.
+    const CHILD: &str = "HYPERFUNC_SPANS_TEST_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let name = "observe::calls_emit_tracing_spans_for_users_subscribers";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sub = Spans(seen.clone());
     tracing::subscriber::with_default(sub, || {
-        // Another test thread may have hit the span's callsite first, while no subscriber was
-        // interested, and cached "never" (or a max level of OFF): recompute with this one in.
-        tracing::callsite::rebuild_interest_cache();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
