@@ -111,9 +111,7 @@ pub async fn bench(quick: bool) -> Result<RunsBench> {
     let n = 10_000usize;
     let t0 = Instant::now();
     for run in [a, b] {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| store.err(e))?;
+        let tx = conn.transaction().map_err(|e| store.err(e))?;
         {
             let mut st = tx.prepare(insert).map_err(|e| store.err(e))?;
             for g in 0..n {

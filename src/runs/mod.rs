@@ -61,7 +61,7 @@ pub mod chart;
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -968,12 +968,8 @@ impl Control {
     fn send_all(&self, items: Vec<(Action, Option<usize>)>) -> Result<Vec<i64>> {
         let store = &self.store;
         let mut conn = store.conn()?;
-        // IMMEDIATE: this transaction reads, then writes. A deferred one would take its read
-        // snapshot first, and a run that commits a row before the insert makes SQLite refuse
-        // the upgrade at once ("database is locked"), without waiting out the busy timeout.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| store.err(e))?;
+        // Reads, then writes: IMMEDIATE, as every transaction of the store (`open_shared`).
+        let tx = conn.transaction().map_err(|e| store.err(e))?;
         let info = store.info_with(&tx, self.run)?;
         let refuse = |reason: String| Error::RunCommand {
             run: self.run.0,

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection};
 use serde_json::{Map, Value};
 
 use super::checkpoint::{self, Meta, State};
@@ -293,10 +293,7 @@ impl Recorder {
             }
         }
         let g0 = state.as_ref().map_or(0, |s| s.meta.generation);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.store.err(e))?;
+        let tx = self.conn.transaction().map_err(|e| self.store.err(e))?;
         let dropped = tx
             .execute(
                 "DELETE FROM generations WHERE run = ?1 AND gen >= ?2",
@@ -529,10 +526,7 @@ impl Recorder {
                 break;
             }
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.store.err(e))?;
+        let tx = self.conn.transaction().map_err(|e| self.store.err(e))?;
         for (id, status, reason, message, kind) in &out {
             tx.execute(
                 "UPDATE commands SET status = ?2, applied_gen = ?3, reason = ?4 WHERE id = ?1",
@@ -715,10 +709,7 @@ impl Recorder {
         if due {
             self.checkpoint(er, "auto")?;
         } else if self.last_flush.elapsed() >= FLUSH {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| self.store.err(e))?;
+            let tx = self.conn.transaction().map_err(|e| self.store.err(e))?;
             flush(&tx, self.run, &mut self.rows, &self.best).map_err(|e| self.store.err(e))?;
             tx.commit().map_err(|e| self.store.err(e))?;
             self.last_flush = Instant::now();
@@ -779,10 +770,7 @@ impl Recorder {
         let file = format!("gen-{g:08}.safetensors");
         let bytes = checkpoint::save(&self.dir.join(&file), &state)?;
         let score = self.last_mean.is_finite().then_some(self.last_mean);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.store.err(e))?;
+        let tx = self.conn.transaction().map_err(|e| self.store.err(e))?;
         flush(&tx, self.run, &mut self.rows, &self.best).map_err(|e| self.store.err(e))?;
         tx.execute(
             "INSERT INTO checkpoints(run, gen, file, bytes, score, kind, best_file, created_at)
@@ -873,10 +861,7 @@ impl Recorder {
             return;
         }
         let msg = e.to_string();
-        if let Ok(tx) = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-        {
+        if let Ok(tx) = self.conn.transaction() {
             let _ = flush(&tx, self.run, &mut self.rows, &self.best);
             let _ = tx.commit();
         }

@@ -404,12 +404,17 @@ fn read_arm_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<(String, Str
 pub(crate) fn open_shared(path: &str, schema: &str) -> Result<Connection> {
     let err = |e: rusqlite::Error| store_err(path, e);
     let memory = path == ":memory:";
-    let conn = if memory {
+    let mut conn = if memory {
         Connection::open_in_memory().map_err(err)?
     } else {
         Connection::open(path).map_err(err)?
     };
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // Every transaction begins IMMEDIATE, taking the write lock (or waiting out the busy
+    // timeout for it) before its first read. A deferred one that reads and then writes holds
+    // a read snapshot; when another connection commits in between, SQLite refuses its upgrade
+    // at once ("database is locked"), without waiting.
+    conn.set_transaction_behavior(TransactionBehavior::Immediate);
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     })
