@@ -192,6 +192,71 @@ pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> 
     .map_err(Error::tensor(what))
 }
 
+/// Candidates `[start, start + len)` of an antithetic dense perturbation `e` (`[K, ..]`, the
+/// pairs' `+ε_k`): candidate `2k` is `base + e_k`, candidate `2k + 1` is `base − e_k` (`base`
+/// is zero when not given). `[len, ..]`, in one pass on the CPU.
+pub(crate) fn unmirror(
+    e: &Tensor,
+    base: Option<&Tensor>,
+    start: usize,
+    len: usize,
+    what: &str,
+) -> Result<Tensor> {
+    let k = e.dim(0).map_err(Error::tensor(what))?;
+    if start + len > 2 * k {
+        return Err(Error::config(
+            what,
+            format!(
+                "internal: candidates {start}..{} of {} mirrored",
+                start + len,
+                2 * k
+            ),
+        ));
+    }
+    let mut dims = e.dims().to_vec();
+    dims[0] = len;
+    let (k0, k1) = (start / 2, (start + len).div_ceil(2));
+    if !on_cpu_f32(e) || base.is_some_and(|b| !on_cpu_f32(b)) {
+        // Any device: `+e, −e` interleaved by a stack, then the base added.
+        let sub = e.narrow(0, k0, k1 - k0).map_err(Error::tensor(what))?;
+        let mut both = dims.clone();
+        both[0] = 2 * (k1 - k0);
+        let m = sub
+            .neg()
+            .and_then(|neg| Tensor::stack(&[&sub, &neg], 1))
+            .and_then(|m| m.reshape(both))
+            .and_then(|m| m.narrow(0, start % 2, len))
+            .map_err(Error::tensor(what))?;
+        return match base {
+            Some(b) => m.broadcast_add(b),
+            None => Ok(m),
+        }
+        .map_err(Error::tensor(what));
+    }
+    let row = e.elem_count() / k.max(1);
+    let zero = Vec::new();
+    let out = with_slice(e, what, |ev| {
+        let fill = |b: &[f32]| {
+            let mut out = Vec::with_capacity(len * row);
+            for c in start..start + len {
+                let src = &ev[(c / 2) * row..(c / 2 + 1) * row];
+                let sign = if c % 2 == 0 { 1.0f32 } else { -1.0 };
+                if b.is_empty() {
+                    out.extend(src.iter().map(|&x| sign * x));
+                } else {
+                    out.extend(src.iter().zip(b).map(|(&x, &y)| y + sign * x));
+                }
+            }
+            out
+        };
+        match base {
+            Some(b) => with_slice(b, what, fill),
+            None => Ok(fill(&zero)),
+        }
+    })??;
+    Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
+}
+
 /// A row-major matrix view: `rows × cols` with the given strides (in elements).
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
@@ -547,6 +612,40 @@ fn bias_act_inline(block: &mut [f32], bias: &[f32], act: Activation) {
         }
     }
     activate_inline(act, block);
+}
+
+simd_dispatch!(
+    /// The outputs of `tk` antithetic pairs from their shared part: `y` holds `2·tk` blocks of
+    /// `per` floats, and on entry blocks `tk..2·tk` hold each pair's `X·E_kᵀ`. On return block
+    /// `2k` is `y0 + X·E_kᵀ` and block `2k + 1` is `y0 − X·E_kᵀ`. Pairs go in order: pair `k`
+    /// writes blocks `2k` and `2k + 1`, and every later pair's input lies past them (or, for the
+    /// last pair, is block `2k + 1` itself, read before it is written).
+    fn mirror_out / mirror_out_avx2(y: &mut [f32], y0: &[f32], per: usize, tk: usize) -> () = mirror_out_inline
+);
+
+#[inline(always)]
+fn mirror_out_inline(y: &mut [f32], y0: &[f32], per: usize, tk: usize) {
+    let y0 = &y0[..per];
+    for k in 0..tk {
+        let src = (tk + k) * per;
+        if 2 * k + 1 < tk + k {
+            let (dst, rest) = y.split_at_mut(src);
+            let c = &rest[..per];
+            let (plus, minus) = dst[2 * k * per..(2 * k + 2) * per].split_at_mut(per);
+            for (((p, m), &c), &b) in plus.iter_mut().zip(minus.iter_mut()).zip(c).zip(y0) {
+                *p = b + c;
+                *m = b - c;
+            }
+        } else {
+            // The last pair: its input is block 2k + 1.
+            let (dst, cm) = y[2 * k * per..(2 * k + 2) * per].split_at_mut(per);
+            for ((p, m), &b) in dst.iter_mut().zip(cm.iter_mut()).zip(y0) {
+                let c = *m;
+                *p = b + c;
+                *m = b - c;
+            }
+        }
+    }
 }
 
 simd_dispatch!(

@@ -4,6 +4,11 @@
 //! computes `X·Wᵀ` once for the whole chunk and adds `(X·B_p)·A_pᵀ` per candidate, so the perturbed
 //! matrix is never formed. With a shared input the per-candidate factors are folded into one GEMM
 //! (`X · [B_1 … B_P]`), which keeps the matrix kernels large.
+//!
+//! Antithetic pairs with dense noise, `W ± E_k`, share the same way on a shared input: `X·Wᵀ`
+//! once, `X·E_kᵀ` once per pair, and the pair's outputs are their sum and difference. That halves
+//! the GEMM of a first layer (a candidate's values differ from `X·(W ± E_k)ᵀ` by rounding only,
+//! and do not depend on how the population is cut: chunks and tiles keep pairs whole).
 
 use candle_core::Tensor;
 
@@ -280,22 +285,30 @@ pub(crate) fn forward(
         // small population still keeps every worker busy.
         let share = pc.div_ceil(rayon::current_num_threads().max(1));
         let tc = (tile_floats / (n * widest).max(1)).clamp(1, share.max(1));
+        // Antithetic pairs stay whole in a tile (the chunk of a mirrored parameter is even).
+        let mirrored = per_layer.iter().any(|(_, w, b)| {
+            matches!(w, ParamChunk::Mirrored { .. })
+                || matches!(b, Some(ParamChunk::Mirrored { .. }))
+        });
+        let tc = if mirrored { tc.next_multiple_of(2) } else { tc };
         let out = layers[layers.len() - 1].out;
-        // A first layer on a shared input: the input transposed and, with low-rank noise, its
-        // shared part X·W₀ᵀ, once for all tiles.
+        // A first layer on a shared input: the input transposed and, with low-rank noise or
+        // antithetic pairs, its shared part X·W₀ᵀ, once for all tiles.
         let (l0, w0, _) = &per_layer[0];
         check_input(name, &x, l0.inp, pc)?; // before anything reads the input as `[n, inp]`
         let hoisted = if x.batched || !cm[0] {
             None
         } else {
             Some(with_slice(&x.t, name, |xs| -> Result<Hoisted> {
-                let y0 = match w0 {
-                    ParamChunk::LowRank { base, .. } if !kernel.materialize_low_rank => {
-                        Some(with_slice(base, name, |ws| {
-                            shared_base(xs, ws, n, *l0, true)
-                        })?)
-                    }
+                // The shared part of low-rank weights and of antithetic pairs.
+                let base = match w0 {
+                    ParamChunk::LowRank { base, .. } if !kernel.materialize_low_rank => Some(base),
+                    ParamChunk::Mirrored { base, .. } => Some(base),
                     _ => None,
+                };
+                let y0 = match base {
+                    Some(b) => Some(with_slice(b, name, |ws| shared_base(xs, ws, n, *l0, true))?),
+                    None => None,
                 };
                 Ok(Hoisted {
                     xt: kernels::transposed(xs, n, l0.inp),
@@ -355,6 +368,14 @@ pub(crate) fn linear(
     check_input(name, x, layer.inp, pc)?;
     let at = |e| Error::tensor(name)(e);
     let (inp, out) = (layer.inp, layer.out);
+    let own;
+    let w = match w {
+        ParamChunk::Mirrored { .. } => {
+            own = ParamChunk::PerCandidate(w.materialize(pc).at(name)?);
+            &own
+        }
+        w => w,
+    };
     let (y, batched) = match w {
         ParamChunk::Shared(w) => (shared_matmul(x, w).map_err(at)?, x.batched),
         ParamChunk::PerCandidate(w) => {
@@ -369,6 +390,12 @@ pub(crate) fn linear(
                     .and_then(|y| y.transpose(0, 1))
             };
             (y.map_err(at)?, true)
+        }
+        ParamChunk::Mirrored { .. } => {
+            return Err(Error::config(
+                name,
+                "internal: mirrored weights were not formed",
+            ))
         }
         ParamChunk::LowRank { base, a, b: fb } => {
             let base_y = shared_matmul(x, base).map_err(at)?;
@@ -468,7 +495,7 @@ struct Hoisted {
     /// The input `[n, inp]` transposed, `[inp, n]` row-major: the GEMMs that land class-major
     /// read it without packing it again (the same products in the same order).
     xt: Vec<f32>,
-    /// A low-rank layer's shared part `X·Wᵀ`, class-major `[out, n]`.
+    /// The shared part `X·Wᵀ` of a low-rank layer or of antithetic pairs, class-major `[out, n]`.
     y0: Option<kernels::LineBuf>,
 }
 
@@ -518,6 +545,16 @@ fn linear_cpu(
     let (x_batched, n) = match x {
         LayerIn::Act(a) => (a.batched, a.t.dim(usize::from(a.batched)).at(name)?),
         LayerIn::Scratch { n, .. } => (true, n),
+    };
+    // Antithetic pairs share their `X·Wᵀ` on a shared input written class-major (below);
+    // anywhere else each candidate's weights are formed.
+    let own_w;
+    let w = match w {
+        ParamChunk::Mirrored { .. } if x_batched || !class_major => {
+            own_w = ParamChunk::PerCandidate(w.materialize(pc).at(name)?);
+            &own_w
+        }
+        w => w,
     };
     let bias = match b {
         None => None,
@@ -646,6 +683,39 @@ fn linear_cpu(
                     });
                 }
             }),
+            ParamChunk::Mirrored { base, e } => with_slice(base, name, |ws| {
+                with_slice(e, name, |es| {
+                    // Candidates 2k and 2k + 1 are W ± E_k: X·Wᵀ once (hoisted across tiles),
+                    // X·E_kᵀ once per pair into the second half of the pairs' output, then
+                    // each candidate's output as the sum or the difference: half the GEMM.
+                    let own;
+                    let y0 = match y0 {
+                        Some(y0) => y0,
+                        None => {
+                            own = shared_base(xs, ws, n, layer, true);
+                            &own
+                        }
+                    };
+                    let pairs = (tile_floats / (2 * per).max(1)).max(1);
+                    let xv_cm = xt.map_or(Mat::rows(xs, n, inp), |xt| Mat::transposed(xt, n, inp));
+                    y.chunks_mut(2 * pairs * per)
+                        .enumerate()
+                        .for_each(|(t, yc)| {
+                            let k0 = t * pairs;
+                            let tk = yc.len() / (2 * per);
+                            let ev = Mat::transposed(
+                                &es[k0 * out * inp..(k0 + tk) * out * inp],
+                                inp,
+                                tk * out,
+                            );
+                            kernels::gemm_cm(&mut yc[tk * per..], n, xv_cm, ev);
+                            kernels::mirror_out(yc, y0, per, tk);
+                            for (k, block) in yc.chunks_exact_mut(per).enumerate() {
+                                finish(block, 2 * k0 + k);
+                            }
+                        });
+                })
+            })?,
             ParamChunk::LowRank { base, a, b: fb } => {
                 let r = a.dim(2).at(name)?;
                 // One copy of the factor, laid out rank-major as it is read.

@@ -23,6 +23,10 @@ use crate::theta::{Registry, Theta};
 pub(crate) enum Perturbation {
     /// Additive perturbation per candidate, `[P, ..shape]` (σ and sign folded in).
     Dense(Tensor),
+    /// Antithetic pairs of additive perturbations, `[P/2, ..shape]` (σ folded in): candidate
+    /// `2k` is `θ + e_k`, candidate `2k + 1` is `θ − e_k`. Kept unmirrored so that a layer on a
+    /// shared input computes `X·e_kᵀ` once per pair.
+    Mirrored(Tensor),
     /// `θ_p = W + a_p·b_pᵀ` with `a: [P, out, r]` (σ/√r and sign folded in) and `b: [P, in, r]`.
     LowRank { a: Tensor, b: Tensor },
     /// The candidates' raw values, `[P, ..shape]`.
@@ -38,6 +42,9 @@ pub(crate) enum ParamChunk {
     PerCandidate(Tensor),
     /// `base + a_p·b_pᵀ`, `a: [pc, out, r]`, `b: [pc, in, r]`.
     LowRank { base: Tensor, a: Tensor, b: Tensor },
+    /// Antithetic pairs: candidate `2k` is `base + e_k`, candidate `2k + 1` is `base − e_k`,
+    /// `e: [pc/2, ..shape]` (`pc` is even).
+    Mirrored { base: Tensor, e: Tensor },
 }
 
 impl ParamChunk {
@@ -51,6 +58,15 @@ impl ParamChunk {
                 a: a.narrow(0, c0, n)?,
                 b: b.narrow(0, c0, n)?,
             },
+            ParamChunk::Mirrored { base, e } if c0 % 2 == 0 && n % 2 == 0 => ParamChunk::Mirrored {
+                base: base.clone(),
+                e: e.narrow(0, c0 / 2, n / 2)?,
+            },
+            // A range that splits a pair: its candidates' values.
+            ParamChunk::Mirrored { base, e } => ParamChunk::PerCandidate(
+                crate::kernels::unmirror(e, Some(base), c0, n, "population")
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            ),
         })
     }
 
@@ -65,6 +81,10 @@ impl ParamChunk {
             ParamChunk::PerCandidate(t) => Ok(t.clone()),
             ParamChunk::LowRank { base, a, b } => {
                 a.matmul(&b.transpose(1, 2)?)?.broadcast_add(base)
+            }
+            ParamChunk::Mirrored { base, e } => {
+                crate::kernels::unmirror(e, Some(base), 0, 2 * e.dim(0)?, "population")
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
         }
     }
@@ -176,6 +196,14 @@ impl Population {
         parts.join(",")
     }
 
+    /// Whether some parameter holds antithetic pairs computed together (see
+    /// [`Perturbation::Mirrored`]).
+    pub(crate) fn mirrored(&self) -> bool {
+        self.perturb
+            .values()
+            .any(|p| matches!(p, Perturbation::Mirrored(_)))
+    }
+
     /// Number of candidates.
     pub fn size(&self) -> usize {
         self.size
@@ -203,6 +231,13 @@ impl Population {
                 } else {
                     e.broadcast_add(base).at(name)?
                 })
+            }
+            Some(Perturbation::Mirrored(e)) if p0 % 2 == 0 && pc % 2 == 0 => ParamChunk::Mirrored {
+                base: base.clone(),
+                e: e.narrow(0, p0 / 2, pc / 2).at(name)?,
+            },
+            Some(Perturbation::Mirrored(e)) => {
+                ParamChunk::PerCandidate(crate::kernels::unmirror(e, Some(base), p0, pc, name)?)
             }
             Some(Perturbation::LowRank { a, b }) => ParamChunk::LowRank {
                 base: base.clone(),
@@ -234,6 +269,12 @@ impl Population {
                     }
                     Perturbation::Explicit(t) => {
                         Perturbation::Explicit(t.narrow(0, start, len).at(name)?)
+                    }
+                    Perturbation::Mirrored(e) if start % 2 == 0 && len % 2 == 0 => {
+                        Perturbation::Mirrored(e.narrow(0, start / 2, len / 2).at(name)?)
+                    }
+                    Perturbation::Mirrored(e) => {
+                        Perturbation::Dense(crate::kernels::unmirror(e, None, start, len, name)?)
                     }
                     Perturbation::LowRank { a, b } => Perturbation::LowRank {
                         a: a.narrow(0, start, len).at(name)?,
@@ -290,13 +331,21 @@ pub struct PopulationEval {
     pub first_error: Option<Error>,
 }
 
-/// Candidates per chunk and examples per chunk for `max_batch_size` rows per forward.
-pub(crate) fn plan(pop: usize, n: usize, max_batch_size: usize) -> (usize, usize) {
+/// Candidates per chunk and examples per chunk for `max_batch_size` rows per forward. With
+/// `pairs` (antithetic pairs computed together, see [`Perturbation::Mirrored`]) a chunk holds
+/// whole pairs: an even number of candidates, at least two, so that a candidate's fitness does
+/// not depend on how the population is cut.
+pub(crate) fn plan(pop: usize, n: usize, max_batch_size: usize, pairs: bool) -> (usize, usize) {
     let max = max_batch_size.max(1);
-    if n >= max {
+    let (pc, nc) = if n >= max {
         (1, max)
     } else {
         ((max / n).clamp(1, pop.max(1)), n)
+    };
+    match pc {
+        _ if !pairs || pop < 2 || pc % 2 == 0 => (pc, nc),
+        1 => (2, (max / 2).clamp(1, n)),
+        _ => (pc - 1, nc),
     }
 }
 
@@ -425,7 +474,7 @@ async fn evaluate_inner<S: HyperSystem + ?Sized>(
     if n == 0 {
         return Err(Error::EmptyExamples);
     }
-    let (pc, nc) = plan(p, n, max_batch_size);
+    let (pc, nc) = plan(p, n, max_batch_size, pop.mirrored());
     let scope = Arc::new(Scope::traced(trace));
     let mut out = PopulationEval {
         fitness: Vec::with_capacity(p),
@@ -499,13 +548,81 @@ async fn evaluate_inner<S: HyperSystem + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::plan;
+    use super::{plan, ParamChunk, Perturbation, Population};
+    use crate::theta::Theta;
+    use candle_core::{Device, Tensor};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// A mirrored perturbation stays whole where every range keeps pairs whole, and is formed
+    /// into the candidates' values where one splits a pair: the same values either way.
+    #[test]
+    fn mirrored_pairs_form_the_same_candidates_however_they_are_cut() {
+        let dev = Device::Cpu;
+        let (k, row) = (5usize, 6usize);
+        let e: Vec<f32> = (0..k * row).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..row).map(|i| i as f32 - 2.5).collect();
+        let et = Tensor::from_vec(e.clone(), (k, 2, 3), &dev).unwrap();
+        let base = Tensor::from_vec(w.clone(), (2, 3), &dev).unwrap();
+        let theta = Theta::from_tensors([("w".to_string(), base)]);
+        let mut perturb = std::collections::BTreeMap::new();
+        perturb.insert("w".to_string(), Perturbation::Mirrored(et));
+        let pop = Population::perturbed(theta, 2 * k, perturb);
+        assert!(pop.mirrored());
+        // Candidate 2j is w + e_j, candidate 2j + 1 is w − e_j.
+        let expect = |c: usize| -> Vec<f32> {
+            let s = if c % 2 == 0 { 1.0 } else { -1.0 };
+            (0..row).map(|i| w[i] + s * e[(c / 2) * row + i]).collect()
+        };
+        for c in 0..2 * k {
+            assert_eq!(
+                values(pop.candidate(c).unwrap().get("w").unwrap()),
+                expect(c)
+            );
+        }
+        for (p0, pc) in [(0, 10), (2, 4), (1, 4), (3, 3), (9, 1), (0, 1)] {
+            let chunk = pop.chunk("w", p0, pc).unwrap();
+            let whole = p0 % 2 == 0 && pc % 2 == 0;
+            assert_eq!(
+                matches!(chunk, ParamChunk::Mirrored { .. }),
+                whole,
+                "{p0}+{pc}"
+            );
+            let got = values(&chunk.materialize(pc).unwrap());
+            let want: Vec<f32> = (p0..p0 + pc).flat_map(expect).collect();
+            assert_eq!(got, want, "chunk {p0}+{pc}");
+            // Tiles of a chunk, whole pairs or not.
+            if pc >= 3 {
+                let t = chunk.narrow(1, 2).unwrap();
+                assert_eq!(
+                    values(&t.materialize(2).unwrap()),
+                    want[row..3 * row].to_vec()
+                );
+            }
+            let sel = pop.select(p0, pc).unwrap();
+            assert_eq!(sel.mirrored(), whole);
+            for c in 0..pc {
+                assert_eq!(
+                    values(sel.candidate(c).unwrap().get("w").unwrap()),
+                    expect(p0 + c)
+                );
+            }
+        }
+    }
 
     #[test]
     fn plan_bounds_rows_and_covers_everything() {
-        assert_eq!(plan(64, 4, 1 << 20), (64, 4));
-        assert_eq!(plan(64, 4, 32), (8, 4));
-        assert_eq!(plan(64, 100, 32), (1, 32));
-        assert_eq!(plan(3, 4, 0), (1, 1));
+        assert_eq!(plan(64, 4, 1 << 20, false), (64, 4));
+        assert_eq!(plan(64, 4, 32, false), (8, 4));
+        assert_eq!(plan(64, 100, 32, false), (1, 32));
+        assert_eq!(plan(3, 4, 0, false), (1, 1));
+        // Whole antithetic pairs: an even count, two at the least (fewer examples then).
+        assert_eq!(plan(64, 4, 12, true), (2, 4));
+        assert_eq!(plan(64, 4, 7, true), (2, 3));
+        assert_eq!(plan(64, 100, 32, true), (2, 16));
+        assert_eq!(plan(64, 4, 1 << 20, true), (64, 4));
+        assert_eq!(plan(1, 4, 1, true), (1, 1));
     }
 }

@@ -109,12 +109,12 @@ pub(crate) fn population(
     for (name, n) in noise {
         let p = match n {
             GenNoise::Dense(e) => {
-                let e = if antithetic {
-                    mirror(e, true)
+                let e = (e * sigma).at(name)?;
+                if antithetic {
+                    Perturbation::Mirrored(e)
                 } else {
-                    Ok(e.clone())
-                };
-                Perturbation::Dense(e.and_then(|e| e * sigma).at(name)?)
+                    Perturbation::Dense(e)
+                }
             }
             GenNoise::LowRank { a, b, r } => {
                 let a = (a * (sigma / (*r as f64).sqrt())).at(name)?;
@@ -130,6 +130,7 @@ pub(crate) fn population(
         };
         size = match &p {
             Perturbation::Dense(t) | Perturbation::Explicit(t) => t.dim(0).at(name)?,
+            Perturbation::Mirrored(e) => 2 * e.dim(0).at(name)?,
             Perturbation::LowRank { a, .. } => a.dim(0).at(name)?,
         };
         perturb.insert(name.clone(), p);

@@ -207,8 +207,10 @@ async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
 
 /// Class metrics on populations: the tiled forward writes the last layer class-major and the
 /// metrics read it in place; every candidate still scores the bits it scores in a chunk of its
-/// own (one candidate: row-major, no tiles), for dense and low-rank noise, one layer and two.
-/// Dense candidates also score those bits evaluated alone from their θ.
+/// own (one candidate, or one antithetic pair: row-major, no tiles), for dense and low-rank
+/// noise, one layer and two. Dense candidates without antithetic pairs also score those bits
+/// evaluated alone from their θ; antithetic pairs computed as `X·Wᵀ ± X·Eᵀ` score them up to
+/// rounding.
 #[tokio::test]
 async fn class_major_population_scores_equal_candidates_scored_alone() {
     let (n, d, c) = (70usize, 9usize, 4usize);
@@ -238,7 +240,10 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
             HyperFn::mlp("f", &[d, 6, c], Activation::Tanh, Activation::Identity).noise_rank(2),
         ),
     ];
-    for (label, f) in nets {
+    for (label, f, antithetic) in nets
+        .into_iter()
+        .flat_map(|(l, f)| [(l, f.clone(), true), (l, f, false)])
+    {
         let dense = !label.contains(" r");
         let net = Chain::new(vec![f]);
         let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
@@ -246,8 +251,10 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
             .pop_size(16)
             .sigma(0.4)
             .seed(2)
+            .antithetic(antithetic)
             .population(&net, &theta, 1)
             .unwrap();
+        let label = format!("{label}, antithetic {antithetic}");
         for m in [
             &metric::cross_entropy() as &dyn Metric,
             &metric::class_accuracy(),
@@ -267,10 +274,73 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
                     let alone = evaluate(&net, &pop.candidate(i).unwrap(), &data, m)
                         .await
                         .unwrap();
-                    assert_eq!(a.to_bits(), alone.to_bits(), "{label}, {i}: {a} vs {alone}");
+                    if antithetic {
+                        let tol = 1e-6 * alone.abs().max(1.0);
+                        assert!((a - alone).abs() <= tol, "{label}, {i}: {a} vs {alone}");
+                    } else {
+                        assert_eq!(a.to_bits(), alone.to_bits(), "{label}, {i}: {a} vs {alone}");
+                    }
                 }
             }
             assert!(all.fitness.iter().any(|&v| v != all.fitness[0]), "{label}");
+        }
+    }
+}
+
+/// Antithetic pairs with dense noise are computed together on a shared input, `X·Wᵀ ± X·E_kᵀ`
+/// (half the GEMM). A candidate's fitness is then the same bits however the population is cut
+/// into chunks (an odd cut keeps pairs whole; a chunk too small for two candidates splits the
+/// examples instead), and within rounding of its θ evaluated alone.
+#[tokio::test]
+async fn antithetic_pairs_score_the_same_bits_however_the_population_is_cut() {
+    let (n, d, c) = (53usize, 7usize, 5usize);
+    let x = Tensor::from_vec(rows(n, d, 9).concat(), (n, d), &Device::Cpu).unwrap();
+    let y: Vec<f32> = (0..n).map(|i| ((i * 3) % c) as f32).collect();
+    let data = Examples::tensors(x, Tensor::from_vec(y, n, &Device::Cpu).unwrap()).unwrap();
+    let nets = [
+        HyperFn::linear("f", d, c, Activation::Identity),
+        HyperFn::mlp("f", &[d, 8, c], Activation::Tanh, Activation::Identity),
+    ];
+    for f in nets {
+        let net = Chain::new(vec![f]);
+        let theta = Theta::init(&net, 3, &Device::Cpu).unwrap();
+        let pop = Es::default()
+            .pop_size(22)
+            .sigma(0.3)
+            .seed(4)
+            .population(&net, &theta, 2)
+            .unwrap();
+        for m in [
+            &metric::cross_entropy() as &dyn Metric,
+            &metric::class_accuracy(),
+        ] {
+            let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
+                .await
+                .unwrap();
+            for max in [n, 2 * n, 3 * n, 5 * n + 1, 7 * n] {
+                let cut = evaluate_population(&net, &pop, &data, m, max)
+                    .await
+                    .unwrap();
+                assert!(cut.chunks > 1);
+                for (i, (a, b)) in all.fitness.iter().zip(&cut.fitness).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "max {max}, candidate {i}: {a} vs {b}"
+                    );
+                }
+            }
+            for (i, a) in all.fitness.iter().enumerate() {
+                let alone = evaluate(&net, &pop.candidate(i).unwrap(), &data, m)
+                    .await
+                    .unwrap();
+                assert!(
+                    (a - alone).abs() <= 1e-6 * alone.abs().max(1.0),
+                    "candidate {i}: {a} vs {alone}"
+                );
+            }
+            // The candidates differ.
+            assert!(all.fitness.iter().any(|&v| v != all.fitness[0]));
         }
     }
 }
