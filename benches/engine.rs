@@ -84,7 +84,9 @@ fn evaluation(c: &mut Criterion) {
     }
     g.finish();
 
-    // A single Linear layer, shared input, dense vs low-rank.
+    // A single Linear layer, shared input: dense noise in antithetic pairs (`X·Wᵀ` shared, one
+    // GEMM column block per pair), dense noise without pairs (every candidate materialized), and
+    // low-rank.
     let mut g = c.benchmark_group("linear_64x64_eval_n256_p256");
     let x = Tensor::from_vec(
         hyperfunc::bench::SplitMix64Normals::new(3).normals(256 * 64),
@@ -94,7 +96,11 @@ fn evaluation(c: &mut Criterion) {
     .expect("x");
     let y = Tensor::zeros((256, 64), candle_core::DType::F32, &Device::Cpu).expect("y");
     let examples = Examples::tensors(x, y).expect("examples");
-    for (label, rank) in [("dense", None), ("rank2", Some(2))] {
+    for (label, rank, pairs) in [
+        ("dense", None, true),
+        ("dense_no_pairs", None, false),
+        ("rank2", Some(2), true),
+    ] {
         let f = HyperFn::linear("lin", 64, 64, Activation::Tanh);
         let net = Chain::new(vec![match rank {
             Some(r) => f.noise_rank(r),
@@ -103,6 +109,7 @@ fn evaluation(c: &mut Criterion) {
         let theta = Theta::init(&net, 0, &Device::Cpu).expect("theta");
         let pop = Es::default()
             .pop_size(256)
+            .antithetic(pairs)
             .population(&net, &theta, 0)
             .expect("pop");
         g.bench_function(label, |b| {

@@ -79,8 +79,15 @@ pub struct Bce;
 
 impl Metric for Bce {
     fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
-        let (p, y) = flat_pair("bce", preds, targets, pop)?;
         let eps = 1e-7;
+        let bce = |p: f32, y: f32| {
+            let p = p.clamp(eps as f32, 1.0 - eps as f32);
+            -(p.ln() * y + (1.0 - p).ln() * (1.0 - y))
+        };
+        if let Some(v) = elementwise_cpu("bce", preds, targets, pop, bce)? {
+            return Ok(v);
+        }
+        let (p, y) = flat_pair("bce", preds, targets, pop)?;
         let l = p
             .clamp(eps, 1.0 - eps)
             .and_then(|p| {
@@ -102,9 +109,107 @@ pub struct Mse;
 
 impl Metric for Mse {
     fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        if let Some(v) = elementwise_cpu("mse", preds, targets, pop, |a, b| (a - b) * (a - b))? {
+            return Ok(v);
+        }
         let (p, y) = flat_pair("mse", preds, targets, pop)?;
         per_candidate("mse", p.broadcast_sub(&y).and_then(|d| d.sqr()).at("mse")?)
     }
+}
+
+/// The CPU kernel of the elementwise metrics ([`Mse`], [`Bce`], [`Accuracy`]): the mean of
+/// `f(prediction, target)` over each candidate's values, in one pass over its predictions where
+/// they lie, in parallel over candidates, with no copy of the predictions. Predictions `[N, K]`
+/// per candidate are read row-major or, as the tiled layers leave them, class-major (`[K, N]`);
+/// either way a row's values are summed in `f32` in the order of its outputs and the rows' sums
+/// in `f64` in row order, so a candidate gets the same bits however it was laid out. `None`
+/// where the tensors are not `f32` on the CPU or the predictions are not `[N]` or `[N, K]` per
+/// candidate.
+fn elementwise_cpu(
+    name: &str,
+    preds: &Value,
+    targets: &Value,
+    pop: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> Result<Option<Vec<f32>>> {
+    let (z, y) = (preds.as_tensor()?, targets.as_tensor()?);
+    let on_cpu = crate::kernels::on_cpu_f32;
+    if !on_cpu(z) || !on_cpu(y) {
+        return Ok(None);
+    }
+    let per = if preds.is_batched() {
+        &z.dims()[1..]
+    } else {
+        z.dims()
+    };
+    if per != y.dims() {
+        return Err(Error::ShapeMismatch {
+            function: name.to_string(),
+            what: "predictions".into(),
+            expected: format!("{:?} per candidate (the targets' shape)", y.dims()),
+            actual: z.dims().to_vec(),
+        });
+    }
+    let (n, k) = match *per {
+        [n] => (n, 1),
+        [n, k] => (n, k),
+        _ => return Ok(None),
+    };
+    let ys = crate::kernels::with_slice(y, name, <[f32]>::to_vec)?;
+    let count = (n * k).max(1) as f64;
+    if preds.is_batched() && k > 1 {
+        // The targets class-major too, so that both are read down whole rows.
+        let yt = crate::kernels::transposed(&ys, n, k);
+        let cm = crate::kernels::with_class_major(z, name, |zs| {
+            zs.par_chunks(n * k)
+                .map(|block| (row_sums_cm(block, &yt, n, k, f) / count) as f32)
+                .collect()
+        })?;
+        if cm.is_some() {
+            return Ok(cm);
+        }
+    }
+    crate::kernels::with_slice(z, name, |zs| {
+        if preds.is_batched() {
+            zs.par_chunks(n * k)
+                .map(|block| (row_sums(block, &ys, k, f) / count) as f32)
+                .collect()
+        } else {
+            vec![(row_sums(zs, &ys, k, f) / count) as f32; pop]
+        }
+    })
+    .map(Some)
+}
+
+/// Σ of `f` over row-major `[N, K]` predictions and targets: each row in `f32`, rows in `f64`.
+#[inline(always)]
+fn row_sums(z: &[f32], y: &[f32], k: usize, f: impl Fn(f32, f32) -> f32) -> f64 {
+    z.chunks_exact(k.max(1))
+        .zip(y.chunks_exact(k.max(1)))
+        .map(|(zr, yr)| zr.iter().zip(yr).fold(0.0f32, |s, (&a, &b)| s + f(a, b)))
+        .fold(0.0f64, |t, s| t + f64::from(s))
+}
+
+/// [`row_sums`] of class-major predictions and targets (`[K, N]`): the same sums in the same
+/// order, 64 rows at a time.
+#[inline(always)]
+fn row_sums_cm(zt: &[f32], yt: &[f32], n: usize, k: usize, f: impl Fn(f32, f32) -> f32) -> f64 {
+    const ROWS: usize = 64;
+    let mut total = 0.0f64;
+    let mut s = [0.0f32; ROWS];
+    for r0 in (0..n).step_by(ROWS) {
+        let nr = ROWS.min(n - r0);
+        let s = &mut s[..nr];
+        s.fill(0.0);
+        for j in 0..k {
+            let (zr, yr) = (&zt[j * n + r0..][..nr], &yt[j * n + r0..][..nr]);
+            for ((acc, &a), &b) in s.iter_mut().zip(zr).zip(yr) {
+                *acc += f(a, b);
+            }
+        }
+        total = s.iter().fold(total, |t, &v| t + f64::from(v));
+    }
+    total
 }
 
 /// Fraction of outputs on the right side of `threshold` for 0/1 targets (higher is better).
@@ -122,6 +227,11 @@ impl Default for Accuracy {
 
 impl Metric for Accuracy {
     fn score(&self, preds: &Value, targets: &Value, pop: usize) -> Result<Vec<f32>> {
+        let t = self.threshold;
+        let hit = move |p: f32, y: f32| f32::from(u8::from((p >= t) == (y >= 0.5)));
+        if let Some(v) = elementwise_cpu("accuracy", preds, targets, pop, hit)? {
+            return Ok(v);
+        }
         let (p, y) = flat_pair("accuracy", preds, targets, pop)?;
         let hit = p
             .ge(f64::from(self.threshold))

@@ -344,3 +344,127 @@ async fn antithetic_pairs_score_the_same_bits_however_the_population_is_cut() {
         }
     }
 }
+
+/// An elementwise metric as a plain f64 loop over whatever predictions it is given: the mean
+/// of `f(prediction, target)`.
+struct MeanF64(fn(f64, f64) -> f64);
+
+impl Metric for MeanF64 {
+    fn score(&self, preds: &Value, targets: &Value, pop: usize) -> hyperfunc::Result<Vec<f32>> {
+        let y: Vec<f32> = targets
+            .as_tensor()?
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let z = preds
+            .as_tensor()?
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(z.len(), pop * y.len());
+        Ok(z.chunks(y.len())
+            .map(|c| {
+                let s: f64 = c
+                    .iter()
+                    .zip(&y)
+                    .map(|(&a, &b)| (self.0)(f64::from(a), f64::from(b)))
+                    .sum();
+                (s / y.len() as f64) as f32
+            })
+            .collect())
+    }
+}
+
+/// The elementwise metrics (MSE, BCE, accuracy) read the tiled layers' class-major outputs in
+/// place: they agree with an f64 loop over the same predictions, and a candidate scores the same
+/// bits in a population as in a chunk of its own (and, for dense noise without pairs, as its θ
+/// evaluated alone).
+#[tokio::test]
+async fn elementwise_metrics_read_class_major_outputs_in_place_and_score_the_same_bits_alone() {
+    let (n, d, k) = (70usize, 9usize, 4usize);
+    let targets: Vec<Vec<f32>> = rows(n, k, 6)
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| f32::from(u8::from(v > 0.0)))
+                .collect()
+        })
+        .collect();
+    let data = Examples::from_rows(&rows(n, d, 5), &targets, &Device::Cpu).unwrap();
+    let mse: (&str, &dyn Metric, MeanF64) =
+        ("mse", &metric::mse(), MeanF64(|a, b| (a - b) * (a - b)));
+    let bce: (&str, &dyn Metric, MeanF64) = (
+        "bce",
+        &metric::bce(),
+        MeanF64(|p, y| -(p.ln() * y + (1.0 - p).ln() * (1.0 - y))),
+    );
+    let acc: (&str, &dyn Metric, MeanF64) = (
+        "accuracy",
+        &metric::accuracy(),
+        MeanF64(|p, y| f64::from(u8::from((p >= 0.5) == (y >= 0.5)))),
+    );
+    let nets: Vec<(&str, HyperFn)> = vec![
+        ("linear", HyperFn::linear("f", d, k, Activation::Sigmoid)),
+        (
+            "mlp",
+            HyperFn::mlp("f", &[d, 6, k], Activation::Tanh, Activation::Sigmoid),
+        ),
+        (
+            "mlp r1",
+            HyperFn::mlp("f", &[d, 6, k], Activation::Tanh, Activation::Sigmoid).noise_rank(1),
+        ),
+    ];
+    for (label, f) in nets {
+        let net = Chain::new(vec![f]);
+        let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
+        let pop = Es::default()
+            .pop_size(16)
+            .sigma(0.4)
+            .seed(2)
+            .antithetic(false)
+            .population(&net, &theta, 1)
+            .unwrap();
+        for (name, m, reference) in [&mse, &bce, &acc] {
+            let all = evaluate_population(&net, &pop, &data, *m, 1 << 20)
+                .await
+                .unwrap();
+            let f64s = evaluate_population(&net, &pop, &data, reference, 1 << 20)
+                .await
+                .unwrap();
+            let one_by_one = evaluate_population(&net, &pop, &data, *m, n).await.unwrap();
+            for i in 0..pop.size() {
+                let (a, r, b) = (all.fitness[i], f64s.fitness[i], one_by_one.fitness[i]);
+                assert!(
+                    (a - r).abs() <= 2e-6 * r.abs().max(1e-2),
+                    "{label} {name}, {i}: {a} vs {r}"
+                );
+                assert_eq!(a.to_bits(), b.to_bits(), "{label} {name}, {i}: {a} vs {b}");
+                if !label.contains(" r") {
+                    let alone = evaluate(&net, &pop.candidate(i).unwrap(), &data, *m)
+                        .await
+                        .unwrap();
+                    assert_eq!(a.to_bits(), alone.to_bits(), "{label} {name}, {i}");
+                }
+            }
+            assert!(
+                all.fitness.iter().any(|&v| v != all.fitness[0]),
+                "{label} {name}"
+            );
+        }
+    }
+    // Predictions that do not line up with the targets are refused with both shapes.
+    let z = Tensor::zeros((2, n, k + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    for m in [
+        &metric::mse() as &dyn Metric,
+        &metric::bce(),
+        &metric::accuracy(),
+    ] {
+        let e = m
+            .score(&Value::batched(z.clone()), data.targets(), 2)
+            .unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("{}", k + 1)), "{e}");
+    }
+}
