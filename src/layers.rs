@@ -519,6 +519,21 @@ fn shared_base(
     y0
 }
 
+/// The shared part `X·Wᵀ` of a layer on a shared input, class-major: the one the forward
+/// hoisted, or computed into `own` when it did not.
+fn shared_part<'a>(
+    hoisted: Option<&'a [f32]>,
+    own: &'a mut Option<kernels::LineBuf>,
+    (xs, ws): (&[f32], &[f32]),
+    n: usize,
+    layer: Layer,
+) -> &'a [f32] {
+    match hoisted {
+        Some(y0) => y0,
+        None => own.insert(shared_base(xs, ws, n, layer, true)),
+    }
+}
+
 fn vec_of(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     with_slice(t, what, <[f32]>::to_vec)
 }
@@ -688,14 +703,8 @@ fn linear_cpu(
                     // Candidates 2k and 2k + 1 are W ± E_k: X·Wᵀ once (hoisted across tiles),
                     // X·E_kᵀ once per pair into the second half of the pairs' output, then
                     // each candidate's output as the sum or the difference: half the GEMM.
-                    let own;
-                    let y0 = match y0 {
-                        Some(y0) => y0,
-                        None => {
-                            own = shared_base(xs, ws, n, layer, true);
-                            &own
-                        }
-                    };
+                    let mut own = None;
+                    let y0 = shared_part(y0, &mut own, (xs, ws), n, layer);
                     let pairs = (tile_floats / (2 * per).max(1)).max(1);
                     let xv_cm = xt.map_or(Mat::rows(xs, n, inp), |xt| Mat::transposed(xt, n, inp));
                     y.chunks_mut(2 * pairs * per)
@@ -802,14 +811,8 @@ fn linear_cpu(
                         // The same, class-major: X·Wᵀ as [out, n] once, X·[B_1 … B_P] as
                         // [pc·r, n] (candidate p's factors are rows p·r..p·r + r), then per
                         // candidate the rank-r update down whole rows.
-                        let own;
-                        let y0 = match y0 {
-                            Some(y0) => y0,
-                            None => {
-                                own = shared_base(xs, ws, n, layer, true);
-                                &own
-                            }
-                        };
+                        let mut own = None;
+                        let y0 = shared_part(y0, &mut own, (xs, ws), n, layer);
                         let mut xbt = kernels::LineBuf::zeros(n * pc * r);
                         kernels::gemm_cm(
                             &mut xbt,

@@ -40,10 +40,9 @@ pub trait Metric: Send + Sync {
     }
 }
 
-/// Predictions as `[P, N·k]` and targets as `[1, N·k]`, checking that they line up.
-fn flat_pair(name: &str, preds: &Value, targets: &Value, pop: usize) -> Result<(Tensor, Tensor)> {
-    let p = preds.as_tensor()?;
-    let y = targets.as_tensor()?;
+/// One candidate's prediction shape, checked against the targets' shape.
+fn aligned<'a>(name: &str, preds: &'a Value, targets: &Value) -> Result<&'a [usize]> {
+    let (p, y) = (preds.as_tensor()?, targets.as_tensor()?);
     let per = if preds.is_batched() {
         &p.dims()[1..]
     } else {
@@ -57,6 +56,14 @@ fn flat_pair(name: &str, preds: &Value, targets: &Value, pop: usize) -> Result<(
             actual: p.dims().to_vec(),
         });
     }
+    Ok(per)
+}
+
+/// Predictions as `[P, N·k]` and targets as `[1, N·k]`, checking that they line up.
+fn flat_pair(name: &str, preds: &Value, targets: &Value, pop: usize) -> Result<(Tensor, Tensor)> {
+    aligned(name, preds, targets)?;
+    let p = preds.as_tensor()?;
+    let y = targets.as_tensor()?;
     let k = y.elem_count();
     let p = if preds.is_batched() {
         p.reshape((pop, k))
@@ -132,23 +139,11 @@ fn elementwise_cpu(
     pop: usize,
     f: impl Fn(f32, f32) -> f32 + Sync + Copy,
 ) -> Result<Option<Vec<f32>>> {
+    let per = aligned(name, preds, targets)?;
     let (z, y) = (preds.as_tensor()?, targets.as_tensor()?);
     let on_cpu = crate::kernels::on_cpu_f32;
     if !on_cpu(z) || !on_cpu(y) {
         return Ok(None);
-    }
-    let per = if preds.is_batched() {
-        &z.dims()[1..]
-    } else {
-        z.dims()
-    };
-    if per != y.dims() {
-        return Err(Error::ShapeMismatch {
-            function: name.to_string(),
-            what: "predictions".into(),
-            expected: format!("{:?} per candidate (the targets' shape)", y.dims()),
-            actual: z.dims().to_vec(),
-        });
     }
     let (n, k) = match *per {
         [n] => (n, 1),

@@ -205,6 +205,20 @@ async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
     let _ = values;
 }
 
+/// A one-function network and 16 candidates around its seeded θ (σ 0.4, generation 1).
+fn sixteen_candidates(f: HyperFn, antithetic: bool) -> (Chain, Population) {
+    let net = Chain::new(vec![f]);
+    let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
+    let pop = Es::default()
+        .pop_size(16)
+        .sigma(0.4)
+        .seed(2)
+        .antithetic(antithetic)
+        .population(&net, &theta, 1)
+        .unwrap();
+    (net, pop)
+}
+
 /// Class metrics on populations: the tiled forward writes the last layer class-major and the
 /// metrics read it in place; every candidate still scores the bits it scores in a chunk of its
 /// own (one candidate, or one antithetic pair: row-major, no tiles), for dense and low-rank
@@ -245,15 +259,7 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
         .flat_map(|(l, f)| [(l, f.clone(), true), (l, f, false)])
     {
         let dense = !label.contains(" r");
-        let net = Chain::new(vec![f]);
-        let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
-        let pop = Es::default()
-            .pop_size(16)
-            .sigma(0.4)
-            .seed(2)
-            .antithetic(antithetic)
-            .population(&net, &theta, 1)
-            .unwrap();
+        let (net, pop) = sixteen_candidates(f, antithetic);
         let label = format!("{label}, antithetic {antithetic}");
         for m in [
             &metric::cross_entropy() as &dyn Metric,
@@ -417,15 +423,7 @@ async fn elementwise_metrics_read_class_major_outputs_in_place_and_score_the_sam
         ),
     ];
     for (label, f) in nets {
-        let net = Chain::new(vec![f]);
-        let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
-        let pop = Es::default()
-            .pop_size(16)
-            .sigma(0.4)
-            .seed(2)
-            .antithetic(false)
-            .population(&net, &theta, 1)
-            .unwrap();
+        let (net, pop) = sixteen_candidates(f, false);
         for (name, m, reference) in [&mse, &bce, &acc] {
             let all = evaluate_population(&net, &pop, &data, *m, 1 << 20)
                 .await
