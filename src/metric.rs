@@ -151,29 +151,46 @@ fn elementwise_cpu(
         _ => return Ok(None),
     };
     let ys = crate::kernels::with_slice(y, name, <[f32]>::to_vec)?;
+    // The targets class-major too, for class-major predictions: both are read down whole rows.
+    let yt = crate::kernels::transposed(&ys, n, k);
     let count = (n * k).max(1) as f64;
-    if preds.is_batched() && k > 1 {
-        // The targets class-major too, so that both are read down whole rows.
-        let yt = crate::kernels::transposed(&ys, n, k);
+    per_block(
+        name,
+        preds,
+        (n * k, pop),
+        |block| (row_sums(block, &ys, k, f) / count) as f32,
+        |block| (row_sums_cm(block, &yt, n, k, f) / count) as f32,
+    )
+    .map(Some)
+}
+
+/// One value per candidate from its block of `len` predictions, candidates in parallel. `f_cm`
+/// reads a block class-major, in place, when the predictions are laid out so (the transposed
+/// view of `[P, C, N]` that the tiled layers return); `f` reads a row-major block, and the one
+/// block of unbatched predictions is scored once for all `pop` candidates.
+fn per_block(
+    name: &str,
+    preds: &Value,
+    (len, pop): (usize, usize),
+    f: impl Fn(&[f32]) -> f32 + Sync,
+    f_cm: impl Fn(&[f32]) -> f32 + Sync,
+) -> Result<Vec<f32>> {
+    let z = preds.as_tensor()?;
+    if preds.is_batched() {
         let cm = crate::kernels::with_class_major(z, name, |zs| {
-            zs.par_chunks(n * k)
-                .map(|block| (row_sums_cm(block, &yt, n, k, f) / count) as f32)
-                .collect()
+            zs.par_chunks(len.max(1)).map(&f_cm).collect()
         })?;
-        if cm.is_some() {
-            return Ok(cm);
+        if let Some(v) = cm {
+            return Ok(v);
         }
     }
     crate::kernels::with_slice(z, name, |zs| {
         if preds.is_batched() {
-            zs.par_chunks(n * k)
-                .map(|block| (row_sums(block, &ys, k, f) / count) as f32)
-                .collect()
+            zs.par_chunks(len.max(1)).map(&f).collect()
         } else {
-            vec![(row_sums(zs, &ys, k, f) / count) as f32; pop]
+            vec![f(zs); pop]
         }
     })
-    .map(Some)
 }
 
 /// Σ of `f` over row-major `[N, K]` predictions and targets: each row in `f32`, rows in `f64`.
@@ -296,25 +313,13 @@ fn class_metric_cpu(
         return Ok(None);
     }
     let (n, c, labels) = class_labels(name, preds, targets)?;
-    if preds.is_batched() {
-        let cm = crate::kernels::with_class_major(z, name, |zs| {
-            zs.par_chunks(n * c)
-                .map(|block| f_cm(block, c, &labels))
-                .collect()
-        })?;
-        if cm.is_some() {
-            return Ok(cm);
-        }
-    }
-    crate::kernels::with_slice(z, name, |zs| {
-        if preds.is_batched() {
-            zs.par_chunks(n * c)
-                .map(|block| f(block, c, &labels))
-                .collect()
-        } else {
-            vec![f(zs, c, &labels); pop]
-        }
-    })
+    per_block(
+        name,
+        preds,
+        (n * c, pop),
+        |block| f(block, c, &labels),
+        |block| f_cm(block, c, &labels),
+    )
     .map(Some)
 }
 

@@ -205,6 +205,11 @@ async fn cross_entropy_and_class_accuracy_match_a_float64_reference() {
     let _ = values;
 }
 
+/// The class metrics, whose CPU kernels read class-major logits in place.
+fn class_metrics() -> [&'static dyn Metric; 2] {
+    [&metric::CrossEntropy, &metric::ClassAccuracy]
+}
+
 /// A one-function network and 16 candidates around its seeded θ (σ 0.4, generation 1).
 fn sixteen_candidates(f: HyperFn, antithetic: bool) -> (Chain, Population) {
     let net = Chain::new(vec![f]);
@@ -261,10 +266,7 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
         let dense = !label.contains(" r");
         let (net, pop) = sixteen_candidates(f, antithetic);
         let label = format!("{label}, antithetic {antithetic}");
-        for m in [
-            &metric::cross_entropy() as &dyn Metric,
-            &metric::class_accuracy(),
-        ] {
+        for m in class_metrics() {
             let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
                 .await
                 .unwrap();
@@ -316,10 +318,7 @@ async fn antithetic_pairs_score_the_same_bits_however_the_population_is_cut() {
             .seed(4)
             .population(&net, &theta, 2)
             .unwrap();
-        for m in [
-            &metric::cross_entropy() as &dyn Metric,
-            &metric::class_accuracy(),
-        ] {
+        for m in class_metrics() {
             let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
                 .await
                 .unwrap();
