@@ -65,9 +65,24 @@ fn evaluation(c: &mut Criterion) {
     let ce = metric::cross_entropy();
     let mut g = c.benchmark_group("mlp_64_32_10_eval_n256");
     for pop in [64usize, 256] {
-        for (label, low_rank) in [("dense_materialized", false), ("low_rank_fast_path", true)] {
+        for (label, low_rank, pairs) in [
+            ("dense_materialized", false, false),
+            ("dense_pairs", false, true),
+            ("low_rank_fast_path", true, false),
+        ] {
             let (net, theta, examples) = task_b_system(&data, low_rank).expect("system");
-            let population = task_b_population(&net, &theta, pop, low_rank).expect("population");
+            // Task B's dense candidates are materialized by definition; `dense_pairs` is the
+            // same noise as ES samples it, antithetic pairs sharing `X·W₁ᵀ`.
+            let population = if pairs {
+                Es::default()
+                    .pop_size(pop)
+                    .sigma(0.05)
+                    .seed(11)
+                    .population(&net, &theta, 0)
+            } else {
+                task_b_population(&net, &theta, pop, low_rank)
+            }
+            .expect("population");
             g.bench_with_input(BenchmarkId::new(label, pop), &pop, |b, _| {
                 b.iter(|| {
                     rt.block_on(evaluate_population(

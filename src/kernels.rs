@@ -619,32 +619,40 @@ simd_dispatch!(
     /// `per` floats, and on entry blocks `tk..2·tk` hold each pair's `X·E_kᵀ`. On return block
     /// `2k` is `y0 + X·E_kᵀ` and block `2k + 1` is `y0 − X·E_kᵀ`. Pairs go in order: pair `k`
     /// writes blocks `2k` and `2k + 1`, and every later pair's input lies past them (or, for the
-    /// last pair, is block `2k + 1` itself, read before it is written).
-    fn mirror_out / mirror_out_avx2(y: &mut [f32], y0: &[f32], per: usize, tk: usize) -> () = mirror_out_inline
+    /// last pair, is block `2k + 1` itself, read before it is written). `finish(i, block)` runs
+    /// on each output block `i` right after it is formed, while it is in cache.
+    fn mirror_out / mirror_out_avx2(y: &mut [f32], y0: &[f32], per: usize, tk: usize, finish: &mut dyn FnMut(usize, &mut [f32])) -> () = mirror_out_inline
 );
 
 #[inline(always)]
-fn mirror_out_inline(y: &mut [f32], y0: &[f32], per: usize, tk: usize) {
+fn mirror_out_inline(
+    y: &mut [f32],
+    y0: &[f32],
+    per: usize,
+    tk: usize,
+    finish: &mut dyn FnMut(usize, &mut [f32]),
+) {
     let y0 = &y0[..per];
+    let mut last = Vec::new();
     for k in 0..tk {
         let src = (tk + k) * per;
-        if 2 * k + 1 < tk + k {
+        // The last pair's input is its own block 2k + 1: a copy of it, so that the loop below
+        // reads and writes separate slices and vectorizes (in place it ran scalar).
+        let (dst, c): (&mut [f32], &[f32]) = if 2 * k + 1 < tk + k {
             let (dst, rest) = y.split_at_mut(src);
-            let c = &rest[..per];
-            let (plus, minus) = dst[2 * k * per..(2 * k + 2) * per].split_at_mut(per);
-            for (((p, m), &c), &b) in plus.iter_mut().zip(minus.iter_mut()).zip(c).zip(y0) {
-                *p = b + c;
-                *m = b - c;
-            }
+            (dst, &rest[..per])
         } else {
-            // The last pair: its input is block 2k + 1.
-            let (dst, cm) = y[2 * k * per..(2 * k + 2) * per].split_at_mut(per);
-            for ((p, m), &b) in dst.iter_mut().zip(cm.iter_mut()).zip(y0) {
-                let c = *m;
-                *p = b + c;
-                *m = b - c;
-            }
+            last.clear();
+            last.extend_from_slice(&y[src..src + per]);
+            (&mut y[..src + per], &last)
+        };
+        let (plus, minus) = dst[2 * k * per..(2 * k + 2) * per].split_at_mut(per);
+        for (((p, m), &c), &b) in plus.iter_mut().zip(minus.iter_mut()).zip(c).zip(y0) {
+            *p = b + c;
+            *m = b - c;
         }
+        finish(2 * k, plus);
+        finish(2 * k + 1, minus);
     }
 }
 

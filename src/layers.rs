@@ -718,10 +718,9 @@ fn linear_cpu(
                                 tk * out,
                             );
                             kernels::gemm_cm(&mut yc[tk * per..], n, xv_cm, ev);
-                            kernels::mirror_out(yc, y0, per, tk);
-                            for (k, block) in yc.chunks_exact_mut(per).enumerate() {
+                            kernels::mirror_out(yc, y0, per, tk, &mut |k, block| {
                                 finish(block, 2 * k0 + k);
-                            }
+                            });
                         });
                 })
             })?,

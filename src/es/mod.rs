@@ -336,10 +336,14 @@ impl Es {
         sigma_schedule: Schedule);
     setter!(/// Schedule of the learning rate.
         lr_schedule: Schedule);
-    setter!(/// Antithetic (mirrored) sampling; on by default.
+    setter!(/// Antithetic (mirrored) sampling; on by default. With dense noise the built-in
+        /// layers then compute a pair `W ± E_k` on a shared input as `X·Wᵀ ± X·E_kᵀ`, half the
+        /// first layer's matrix work; chunks keep pairs whole, so a candidate's fitness does
+        /// not depend on `max_batch_size`.
         antithetic: bool);
     setter!(/// Most candidate × example rows per batched forward (setting it turns the autotuned
-        /// value off).
+        /// value off). With antithetic pairs a chunk holds at least one whole pair, even when
+        /// that means fewer examples per forward.
         max_batch_size: usize);
     setter!(/// Use autotuned tensor settings saved by `hyperfunc autotune` for this problem's
         /// shape on this machine (on by default; `HYPERFUNC_AUTOTUNE=0` also turns it off).
