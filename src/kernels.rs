@@ -192,67 +192,55 @@ pub(crate) fn add_rows(e: &Tensor, base: &Tensor, what: &str) -> Result<Tensor> 
     .map_err(Error::tensor(what))
 }
 
-/// Candidates `[start, start + len)` of an antithetic dense perturbation `e` (`[K, ..]`, the
-/// pairs' `+ε_k`): candidate `2k` is `base + e_k`, candidate `2k + 1` is `base − e_k` (`base`
-/// is zero when not given). `[len, ..]`, in one pass on the CPU.
+/// Interleaves `[K, ..]` rows as `+x_0, −x_0, +x_1, −x_1, …` (`[2K, ..]`; without `negate`,
+/// each row twice): antithetic pairs laid out as candidates, on any device.
+pub(crate) fn mirror(x: &Tensor, negate: bool) -> candle_core::Result<Tensor> {
+    let second = if negate { x.neg()? } else { x.clone() };
+    let stacked = Tensor::stack(&[x, &second], 1)?;
+    let mut dims = x.dims().to_vec();
+    dims[0] *= 2;
+    stacked.reshape(dims)
+}
+
+/// Rows `[start, start + len)` of [`mirror`]`(e, true)`, from the pairs they touch only: the
+/// perturbations of those candidates of antithetic pairs `e`, on any device.
+pub(crate) fn mirrored_range(e: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+    let k0 = start / 2;
+    let pairs = e.narrow(0, k0, (start + len).div_ceil(2) - k0)?;
+    mirror(&pairs, true)?.narrow(0, start % 2, len)
+}
+
+/// Candidates `[start, start + len)` of antithetic pairs around `base`: candidate `2k` is
+/// `base + e_k`, candidate `2k + 1` is `base − e_k` (`e`: `[K, ..]`, the pairs' `+ε_k`).
+/// `[len, ..]`, in one pass on the CPU.
 pub(crate) fn unmirror(
     e: &Tensor,
-    base: Option<&Tensor>,
+    base: &Tensor,
     start: usize,
     len: usize,
     what: &str,
 ) -> Result<Tensor> {
-    let k = e.dim(0).map_err(Error::tensor(what))?;
-    if start + len > 2 * k {
-        return Err(Error::config(
-            what,
-            format!(
-                "internal: candidates {start}..{} of {} mirrored",
-                start + len,
-                2 * k
-            ),
-        ));
+    if !on_cpu_f32(e) || !on_cpu_f32(base) {
+        return mirrored_range(e, start, len)
+            .and_then(|m| m.broadcast_add(base))
+            .map_err(Error::tensor(what));
     }
+    let (k0, k1) = (start / 2, (start + len).div_ceil(2));
+    // The pairs the range touches (an error when it runs past them).
+    let pairs = e.narrow(0, k0, k1 - k0).map_err(Error::tensor(what))?;
     let mut dims = e.dims().to_vec();
     dims[0] = len;
-    let (k0, k1) = (start / 2, (start + len).div_ceil(2));
-    if !on_cpu_f32(e) || base.is_some_and(|b| !on_cpu_f32(b)) {
-        // Any device: `+e, −e` interleaved by a stack, then the base added.
-        let sub = e.narrow(0, k0, k1 - k0).map_err(Error::tensor(what))?;
-        let mut both = dims.clone();
-        both[0] = 2 * (k1 - k0);
-        let m = sub
-            .neg()
-            .and_then(|neg| Tensor::stack(&[&sub, &neg], 1))
-            .and_then(|m| m.reshape(both))
-            .and_then(|m| m.narrow(0, start % 2, len))
-            .map_err(Error::tensor(what))?;
-        return match base {
-            Some(b) => m.broadcast_add(b),
-            None => Ok(m),
-        }
-        .map_err(Error::tensor(what));
-    }
-    let row = e.elem_count() / k.max(1);
-    let zero = Vec::new();
-    let out = with_slice(e, what, |ev| {
-        let fill = |b: &[f32]| {
+    let row = base.elem_count();
+    let out = with_slice(&pairs, what, |ev| {
+        with_slice(base, what, |b| {
             let mut out = Vec::with_capacity(len * row);
             for c in start..start + len {
-                let src = &ev[(c / 2) * row..(c / 2 + 1) * row];
+                let src = &ev[(c / 2 - k0) * row..][..row];
                 let sign = if c % 2 == 0 { 1.0f32 } else { -1.0 };
-                if b.is_empty() {
-                    out.extend(src.iter().map(|&x| sign * x));
-                } else {
-                    out.extend(src.iter().zip(b).map(|(&x, &y)| y + sign * x));
-                }
+                out.extend(src.iter().zip(b).map(|(&x, &y)| y + sign * x));
             }
             out
-        };
-        match base {
-            Some(b) => with_slice(b, what, fill),
-            None => Ok(fill(&zero)),
-        }
+        })
     })??;
     Tensor::from_vec(out, dims, e.device()).map_err(Error::tensor(what))
 }

@@ -368,17 +368,11 @@ pub(crate) fn linear(
     check_input(name, x, layer.inp, pc)?;
     let at = |e| Error::tensor(name)(e);
     let (inp, out) = (layer.inp, layer.out);
-    let own;
-    let w = match w {
-        ParamChunk::Mirrored { .. } => {
-            own = ParamChunk::PerCandidate(w.materialize(pc).at(name)?);
-            &own
-        }
-        w => w,
-    };
     let (y, batched) = match w {
         ParamChunk::Shared(w) => (shared_matmul(x, w).map_err(at)?, x.batched),
-        ParamChunk::PerCandidate(w) => {
+        ParamChunk::PerCandidate(_) | ParamChunk::Mirrored { .. } => {
+            // The candidates' weights (antithetic pairs formed here: this path does not share).
+            let w = w.materialize(pc).at(name)?;
             let y = if x.batched {
                 x.t.matmul(&w.transpose(1, 2).at(name)?)
             } else {
@@ -390,12 +384,6 @@ pub(crate) fn linear(
                     .and_then(|y| y.transpose(0, 1))
             };
             (y.map_err(at)?, true)
-        }
-        ParamChunk::Mirrored { .. } => {
-            return Err(Error::config(
-                name,
-                "internal: mirrored weights were not formed",
-            ))
         }
         ParamChunk::LowRank { base, a, b: fb } => {
             let base_y = shared_matmul(x, base).map_err(at)?;

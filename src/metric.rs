@@ -150,17 +150,26 @@ fn elementwise_cpu(
         [n, k] => (n, k),
         _ => return Ok(None),
     };
-    let ys = crate::kernels::with_slice(y, name, <[f32]>::to_vec)?;
-    // The targets class-major too, for class-major predictions: both are read down whole rows.
-    let yt = crate::kernels::transposed(&ys, n, k);
     let count = (n * k).max(1) as f64;
-    per_block(
-        name,
-        preds,
-        (n * k, pop),
-        |block| (row_sums(block, &ys, k, f) / count) as f32,
-        |block| (row_sums_cm(block, &yt, n, k, f) / count) as f32,
-    )
+    crate::kernels::with_slice(y, name, |ys| {
+        // Class-major predictions read the targets class-major too (both down whole rows),
+        // transposed once, when the first such block needs them.
+        let yt = std::sync::OnceLock::new();
+        let yt = || -> &[f32] {
+            if k == 1 {
+                ys
+            } else {
+                yt.get_or_init(|| crate::kernels::transposed(ys, n, k))
+            }
+        };
+        per_block(
+            name,
+            preds,
+            (n * k, pop),
+            |block| (row_sums(block, ys, k, f) / count) as f32,
+            |block| (row_sums_cm(block, yt(), n, k, f) / count) as f32,
+        )
+    })?
     .map(Some)
 }
 

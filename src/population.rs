@@ -64,7 +64,7 @@ impl ParamChunk {
             },
             // A range that splits a pair: its candidates' values.
             ParamChunk::Mirrored { base, e } => ParamChunk::PerCandidate(
-                crate::kernels::unmirror(e, Some(base), c0, n, "population")
+                crate::kernels::unmirror(e, base, c0, n, "population")
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             ),
         })
@@ -83,7 +83,7 @@ impl ParamChunk {
                 a.matmul(&b.transpose(1, 2)?)?.broadcast_add(base)
             }
             ParamChunk::Mirrored { base, e } => {
-                crate::kernels::unmirror(e, Some(base), 0, 2 * e.dim(0)?, "population")
+                crate::kernels::unmirror(e, base, 0, 2 * e.dim(0)?, "population")
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
         }
@@ -237,7 +237,7 @@ impl Population {
                 e: e.narrow(0, p0 / 2, pc / 2).at(name)?,
             },
             Some(Perturbation::Mirrored(e)) => {
-                ParamChunk::PerCandidate(crate::kernels::unmirror(e, Some(base), p0, pc, name)?)
+                ParamChunk::PerCandidate(crate::kernels::unmirror(e, base, p0, pc, name)?)
             }
             Some(Perturbation::LowRank { a, b }) => ParamChunk::LowRank {
                 base: base.clone(),
@@ -273,8 +273,9 @@ impl Population {
                     Perturbation::Mirrored(e) if start % 2 == 0 && len % 2 == 0 => {
                         Perturbation::Mirrored(e.narrow(0, start / 2, len / 2).at(name)?)
                     }
+                    // A range that splits a pair: its perturbations, one per candidate.
                     Perturbation::Mirrored(e) => {
-                        Perturbation::Dense(crate::kernels::unmirror(e, None, start, len, name)?)
+                        Perturbation::Dense(crate::kernels::mirrored_range(e, start, len).at(name)?)
                     }
                     Perturbation::LowRank { a, b } => Perturbation::LowRank {
                         a: a.narrow(0, start, len).at(name)?,

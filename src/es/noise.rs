@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Result, TensorContext};
+use crate::kernels::mirror;
 use crate::param::ParamSpec;
 use crate::population::{Perturbation, Population};
 use crate::rng;
@@ -86,15 +87,6 @@ fn draw_param(
             })
         }
     }
-}
-
-/// Interleaves `[K, ..]` rows as `+x_0, −x_0, +x_1, −x_1, …` (`[2K, ..]`).
-fn mirror(x: &Tensor, negate: bool) -> candle_core::Result<Tensor> {
-    let second = if negate { x.neg()? } else { x.clone() };
-    let stacked = Tensor::stack(&[x, &second], 1)?;
-    let mut dims = x.dims().to_vec();
-    dims[0] *= 2;
-    stacked.reshape(dims)
 }
 
 /// The candidates `θ + σ·(±ε_k)` around `theta`.

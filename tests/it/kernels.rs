@@ -210,12 +210,12 @@ fn class_metrics() -> [&'static dyn Metric; 2] {
     [&metric::CrossEntropy, &metric::ClassAccuracy]
 }
 
-/// A one-function network and 16 candidates around its seeded θ (σ 0.4, generation 1).
-fn sixteen_candidates(f: HyperFn, antithetic: bool) -> (Chain, Population) {
+/// A one-function network and `size` candidates around its seeded θ (σ 0.4, generation 1).
+fn candidates(f: HyperFn, size: usize, antithetic: bool) -> (Chain, Population) {
     let net = Chain::new(vec![f]);
     let theta = Theta::init(&net, 5, &Device::Cpu).unwrap();
     let pop = Es::default()
-        .pop_size(16)
+        .pop_size(size)
         .sigma(0.4)
         .seed(2)
         .antithetic(antithetic)
@@ -264,7 +264,7 @@ async fn class_major_population_scores_equal_candidates_scored_alone() {
         .flat_map(|(l, f)| [(l, f.clone(), true), (l, f, false)])
     {
         let dense = !label.contains(" r");
-        let (net, pop) = sixteen_candidates(f, antithetic);
+        let (net, pop) = candidates(f, 16, antithetic);
         let label = format!("{label}, antithetic {antithetic}");
         for m in class_metrics() {
             let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
@@ -310,14 +310,7 @@ async fn antithetic_pairs_score_the_same_bits_however_the_population_is_cut() {
         HyperFn::mlp("f", &[d, 8, c], Activation::Tanh, Activation::Identity),
     ];
     for f in nets {
-        let net = Chain::new(vec![f]);
-        let theta = Theta::init(&net, 3, &Device::Cpu).unwrap();
-        let pop = Es::default()
-            .pop_size(22)
-            .sigma(0.3)
-            .seed(4)
-            .population(&net, &theta, 2)
-            .unwrap();
+        let (net, pop) = candidates(f, 22, true);
         for m in class_metrics() {
             let all = evaluate_population(&net, &pop, &data, m, 1 << 20)
                 .await
@@ -422,7 +415,7 @@ async fn elementwise_metrics_read_class_major_outputs_in_place_and_score_the_sam
         ),
     ];
     for (label, f) in nets {
-        let (net, pop) = sixteen_candidates(f, false);
+        let (net, pop) = candidates(f, 16, false);
         for (name, m, reference) in [&mse, &bce, &acc] {
             let all = evaluate_population(&net, &pop, &data, *m, 1 << 20)
                 .await
