@@ -58,10 +58,12 @@ impl ParamChunk {
                 a: a.narrow(0, c0, n)?,
                 b: b.narrow(0, c0, n)?,
             },
-            ParamChunk::Mirrored { base, e } if c0 % 2 == 0 && n % 2 == 0 => ParamChunk::Mirrored {
-                base: base.clone(),
-                e: e.narrow(0, c0 / 2, n / 2)?,
-            },
+            ParamChunk::Mirrored { base, e } if c0.is_multiple_of(2) && n.is_multiple_of(2) => {
+                ParamChunk::Mirrored {
+                    base: base.clone(),
+                    e: e.narrow(0, c0 / 2, n / 2)?,
+                }
+            }
             // A range that splits a pair: its candidates' values.
             ParamChunk::Mirrored { base, e } => ParamChunk::PerCandidate(
                 crate::kernels::unmirror(e, base, c0, n, "population")
@@ -232,10 +234,12 @@ impl Population {
                     e.broadcast_add(base).at(name)?
                 })
             }
-            Some(Perturbation::Mirrored(e)) if p0 % 2 == 0 && pc % 2 == 0 => ParamChunk::Mirrored {
-                base: base.clone(),
-                e: e.narrow(0, p0 / 2, pc / 2).at(name)?,
-            },
+            Some(Perturbation::Mirrored(e)) if p0.is_multiple_of(2) && pc.is_multiple_of(2) => {
+                ParamChunk::Mirrored {
+                    base: base.clone(),
+                    e: e.narrow(0, p0 / 2, pc / 2).at(name)?,
+                }
+            }
             Some(Perturbation::Mirrored(e)) => {
                 ParamChunk::PerCandidate(crate::kernels::unmirror(e, base, p0, pc, name)?)
             }
@@ -270,7 +274,9 @@ impl Population {
                     Perturbation::Explicit(t) => {
                         Perturbation::Explicit(t.narrow(0, start, len).at(name)?)
                     }
-                    Perturbation::Mirrored(e) if start % 2 == 0 && len % 2 == 0 => {
+                    Perturbation::Mirrored(e)
+                        if start.is_multiple_of(2) && len.is_multiple_of(2) =>
+                    {
                         Perturbation::Mirrored(e.narrow(0, start / 2, len / 2).at(name)?)
                     }
                     // A range that splits a pair: its perturbations, one per candidate.
@@ -574,7 +580,7 @@ mod tests {
         assert!(pop.mirrored());
         // Candidate 2j is w + e_j, candidate 2j + 1 is w − e_j.
         let expect = |c: usize| -> Vec<f32> {
-            let s = if c % 2 == 0 { 1.0 } else { -1.0 };
+            let s = if c.is_multiple_of(2) { 1.0 } else { -1.0 };
             (0..row).map(|i| w[i] + s * e[(c / 2) * row + i]).collect()
         };
         for c in 0..2 * k {

@@ -23,7 +23,7 @@ pub(crate) struct PyEsWorker {
 
 /// Fitness values as little-endian f32 bytes (4 per candidate).
 fn f32s(bytes: &[u8], what: &str) -> PyResult<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(ConfigError::new_err(format!(
             "{what}: {} bytes are not whole f32 values (4 bytes each, little-endian)",
             bytes.len()

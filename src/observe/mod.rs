@@ -292,7 +292,11 @@ impl Hub {
         }
         let every = self.0.sample_every.load(Ordering::Relaxed);
         let keep = every <= 1
-            || self.0.seen.fetch_add(1, Ordering::Relaxed) % every == 0
+            || self
+                .0
+                .seen
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(every)
             || record.status == Status::Error;
         let mut guard = lock(&self.0.state);
         let s = &mut *guard;

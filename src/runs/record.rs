@@ -701,7 +701,7 @@ impl Recorder {
         }
         self.recent.push_back(took.as_secs_f64());
         let due = match self.policy.every {
-            Some(n) => er.generation() % n.max(1) == 0,
+            Some(n) => er.generation().is_multiple_of(n.max(1)),
             None => self
                 .ckpt_cost
                 .is_none_or(|c| self.since_ckpt.as_secs_f64() >= RATIO * c.as_secs_f64()),
