@@ -1258,6 +1258,25 @@ mod tests {
             );
         }
         assert_eq!(exp(-1000.0), exp(-87.0));
+        // The softmax's exponential is `exp` itself on x ≤ 0, NaN included.
+        for x in [
+            0.0f32,
+            -1e-30,
+            -0.3,
+            -5.0,
+            -86.9,
+            -87.0,
+            -87.5,
+            -1e30,
+            f32::NEG_INFINITY,
+        ] {
+            assert_eq!(
+                exp_nonpositive(x).to_bits(),
+                exp(x).to_bits(),
+                "exp_nonpositive({x})"
+            );
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
         assert!((tanh(50.0) - 1.0).abs() < 3e-7 && (tanh(-50.0) + 1.0).abs() < 3e-7);
         // tanh densely against the f64 reference, through the clamp: 400,001 points on
         // [−10, 10], every region of the rational approximation.
