@@ -343,6 +343,20 @@ pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
     if !canonical(m, n, k) {
         return gemm_padded(dst, dst_rs, lhs, rhs);
     }
+    gemm_crate(dst, dst_rs, &lhs, &rhs);
+}
+
+/// The `gemm` crate's product of two checked views, single-threaded, not reading `dst`.
+fn gemm_crate(dst: &mut [f32], dst_rs: usize, lhs: &Mat<'_>, rhs: &Mat<'_>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert!(
+        lhs.fits() && rhs.fits() && rhs.rows == k,
+        "gemm: a view does not fit its slice"
+    );
+    assert!(
+        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: destination too small"
+    );
     // SAFETY: every element the kernel reads is `lhs.data[i·rs + l·cs]` for i < m, l < k (and the
     // same for rhs with l < k, j < n); `fits()` proved the largest such index is in bounds, and
     // all strides are non-negative. It writes `dst[i·dst_rs + j]` for i < m, j < n, in bounds by
@@ -1473,30 +1487,7 @@ mod grouping {
                 rp[i * n2..i * n2 + n].copy_from_slice(&r[i * n..(i + 1) * n]);
             }
             let mut out = vec![0.0f32; m2 * n2];
-            // SAFETY: every view is a contiguous row-major matrix of the stated shape.
-            unsafe {
-                gemm::gemm(
-                    m2,
-                    n2,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n2 as isize,
-                    false,
-                    lp.as_ptr(),
-                    1,
-                    k as isize,
-                    rp.as_ptr(),
-                    1,
-                    n2 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            gemm_crate(&mut out, n2, &Mat::rows(&lp, m2, k), &Mat::rows(&rp, k, n2));
             (0..m)
                 .flat_map(|i| out[i * n2..i * n2 + n].to_vec())
                 .collect::<Vec<f32>>()
