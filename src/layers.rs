@@ -140,6 +140,7 @@ pub(crate) fn forward(
     params: Vec<ParamChunk>,
     pc: usize,
     kernel: Kernel,
+    hoist: Option<&HoistCache>,
 ) -> Result<Act> {
     let tile_floats = kernel.tile_floats();
     let mut it = params.into_iter();
@@ -299,22 +300,30 @@ pub(crate) fn forward(
         let hoisted = if x.batched || !cm[0] {
             None
         } else {
-            Some(with_slice(&x.t, name, |xs| -> Result<Hoisted> {
-                // The shared part of low-rank weights and of antithetic pairs.
-                let base = match w0 {
-                    ParamChunk::LowRank { base, .. } if !kernel.materialize_low_rank => Some(base),
-                    ParamChunk::Mirrored { base, .. } => Some(base),
-                    _ => None,
-                };
-                let y0 = match base {
-                    Some(b) => Some(with_slice(b, name, |ws| shared_base(xs, ws, n, *l0, true))?),
-                    None => None,
-                };
-                Ok(Hoisted {
-                    xt: kernels::transposed(xs, n, l0.inp),
-                    y0,
-                })
-            })??)
+            // The shared part of low-rank weights and of antithetic pairs.
+            let base = match w0 {
+                ParamChunk::LowRank { base, .. } if !kernel.materialize_low_rank => Some(base),
+                ParamChunk::Mirrored { base, .. } => Some(base),
+                _ => None,
+            };
+            let compute = || {
+                with_slice(&x.t, name, |xs| -> Result<Hoisted> {
+                    let y0 = match base {
+                        Some(b) => {
+                            Some(with_slice(b, name, |ws| shared_base(xs, ws, n, *l0, true))?)
+                        }
+                        None => None,
+                    };
+                    Ok(Hoisted {
+                        xt: kernels::transposed(xs, n, l0.inp),
+                        y0,
+                    })
+                })?
+            };
+            Some(match hoist {
+                Some(cache) => cache.get_or_compute(&x.t, base, compute)?,
+                None => std::sync::Arc::new(compute()?),
+            })
         };
         // Each tile's share of the output is zeroed by the worker that fills it (a zero-fill of
         // the whole output up front cost 13% of a low-rank evaluation).
@@ -330,7 +339,7 @@ pub(crate) fn forward(
                 x.clone()
             };
             // A layer whose output stayed shared cannot write per-candidate rows: copy it out.
-            if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), hoisted.as_ref())? {
+            if let Some(a) = run(xt, c0, tcur, true, Some(&mut *dst), hoisted.as_deref())? {
                 with_slice(&a.t, name, |v| {
                     for block in dst.chunks_exact_mut(v.len()) {
                         block.copy_from_slice(v);
@@ -485,6 +494,98 @@ struct Hoisted {
     xt: Vec<f32>,
     /// The shared part `X·Wᵀ` of a low-rank layer or of antithetic pairs, class-major `[out, n]`.
     y0: Option<kernels::LineBuf>,
+}
+
+/// The [`Hoisted`] parts of the forwards of one population evaluation. Its chunks of candidates
+/// run the same network on the same input with the same base weights, so what a first layer
+/// hoists (the transposed input, a shared `X·W₀ᵀ`) is computed for the first chunk and reused
+/// by the others, instead of once per chunk. Entries are found by the identity of the input's
+/// and the base weight's storage and their layouts; an entry holds both tensors, so neither
+/// storage can be freed and reused for other values while the cache lives (it is dropped with
+/// the evaluation).
+#[derive(Default)]
+pub(crate) struct HoistCache {
+    entries: std::sync::Mutex<Vec<HoistEntry>>,
+}
+
+impl std::fmt::Debug for HoistCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        f.debug_struct("HoistCache").field("entries", &n).finish()
+    }
+}
+
+/// One [`HoistCache`] entry: the tensors it was computed from, and what was computed.
+struct HoistEntry {
+    x: Tensor,
+    base: Option<Tensor>,
+    hoisted: std::sync::Arc<Hoisted>,
+}
+
+/// Most entries a [`HoistCache`] keeps (the oldest goes first): one per network a system calls
+/// on a shared input in one chunk.
+const HOIST_ENTRIES: usize = 8;
+
+/// Whether two tensors view the same storage with the same layout (the same values, while both
+/// are alive and nothing writes in place).
+fn same_view(a: &Tensor, b: &Tensor) -> bool {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    std::ptr::eq(&*sa, &*sb)
+        && la.start_offset() == lb.start_offset()
+        && la.dims() == lb.dims()
+        && la.stride() == lb.stride()
+}
+
+impl HoistCache {
+    /// The hoisted parts for input `x` and base weight `base`, computed by `compute` on a miss.
+    fn get_or_compute(
+        &self,
+        x: &Tensor,
+        base: Option<&Tensor>,
+        compute: impl FnOnce() -> Result<Hoisted>,
+    ) -> Result<std::sync::Arc<Hoisted>> {
+        let hit = |e: &HoistEntry| {
+            same_view(&e.x, x)
+                && match (&e.base, base) {
+                    (Some(a), Some(b)) => same_view(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        let lock = || {
+            self.entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(e) = lock().iter().find(|e| hit(e)) {
+            return Ok(e.hoisted.clone());
+        }
+        let hoisted = std::sync::Arc::new(compute()?);
+        let mut entries = lock();
+        if entries.len() >= HOIST_ENTRIES {
+            entries.remove(0);
+        }
+        entries.push(HoistEntry {
+            x: x.clone(),
+            base: base.cloned(),
+            hoisted: hoisted.clone(),
+        });
+        Ok(hoisted)
+    }
+
+    /// Entries held (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
 }
 
 /// `X · Wᵀ` of a shared input `X` (`n × inp`) and weight `W` (`out × inp`): `[out, n]` when
@@ -871,4 +972,102 @@ fn linear_cpu(
         t: t.at(name)?,
         batched,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::function::Activation;
+    use candle_core::Device;
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn bits(a: &Act) -> Vec<u32> {
+        a.t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("a CPU f32 output")
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    #[test]
+    fn chunks_of_one_evaluation_share_what_a_first_layer_hoists(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let (n, inp, hid, out, pc) = (64, 8, 4, 3, 4);
+        let dev = &Device::Cpu;
+        let layers = [
+            Layer {
+                inp,
+                out: hid,
+                act: Activation::Tanh,
+                bias: false,
+            },
+            Layer {
+                inp: hid,
+                out,
+                act: Activation::Identity,
+                bias: false,
+            },
+        ];
+        let params = vec![
+            ParamChunk::Mirrored {
+                base: Tensor::from_vec(values(hid * inp, 1), (hid, inp), dev)?,
+                e: Tensor::from_vec(values(pc / 2 * hid * inp, 2), (pc / 2, hid, inp), dev)?,
+            },
+            ParamChunk::PerCandidate(Tensor::from_vec(
+                values(pc * out * hid, 3),
+                (pc, out, hid),
+                dev,
+            )?),
+        ];
+        // Two example ranges of one input, and a copy of the first in other storage.
+        let all = Tensor::from_vec(values(2 * n * inp, 4), (2 * n, inp), dev)?;
+        let first = Act {
+            t: all.narrow(0, 0, n)?,
+            batched: false,
+        };
+        let second = Act {
+            t: all.narrow(0, n, n)?,
+            batched: false,
+        };
+        let copy = Act {
+            t: Tensor::from_vec(values(n * inp, 4), (n, inp), dev)?,
+            batched: false,
+        };
+        let run = |x: &Act, cache: Option<&HoistCache>| {
+            forward(
+                "net",
+                x.clone(),
+                &layers,
+                params.clone(),
+                pc,
+                Kernel::default(),
+                cache,
+            )
+            .map(|a| bits(&a))
+        };
+        let cache = HoistCache::default();
+        let alone = run(&first, None)?;
+        assert_eq!(run(&first, Some(&cache))?, alone);
+        assert_eq!(cache.len(), 1);
+        // The same view again (a narrow of the same rows, as the next chunk gets it): a hit.
+        let again = Act {
+            t: all.narrow(0, 0, n)?,
+            batched: false,
+        };
+        assert_eq!(run(&again, Some(&cache))?, alone);
+        assert_eq!(cache.len(), 1, "the same view hit the entry");
+        // Other rows of the same storage, and the same values in other storage: misses.
+        assert_eq!(run(&second, Some(&cache))?, run(&second, None)?);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(run(&copy, Some(&cache))?, alone);
+        assert_eq!(cache.len(), 3);
+        assert_ne!(run(&second, None)?, alone, "the two ranges differ");
+        Ok(())
+    }
 }

@@ -153,6 +153,8 @@ impl Dag {
 pub(crate) struct Scope {
     calls: Mutex<HashMap<String, usize>>,
     pub trace: Trace,
+    /// What built-in networks hoist out of their tiles, shared by the evaluation's chunks.
+    pub hoist: crate::layers::HoistCache,
 }
 
 impl Scope {
@@ -160,6 +162,7 @@ impl Scope {
         Self {
             calls: Mutex::default(),
             trace,
+            hoist: crate::layers::HoistCache::default(),
         }
     }
 }
@@ -504,7 +507,9 @@ impl Cx {
     ) -> Result<Value> {
         let name = f.name.as_str();
         let x = self.tensor_input(name, &input)?;
-        let x = layers::forward(name, x, layers, self.params(f)?, self.pc, self.pop.kernel())?;
+        let hoist = Some(&self.scope.hoist);
+        let params = self.params(f)?;
+        let x = layers::forward(name, x, layers, params, self.pc, self.pop.kernel(), hoist)?;
         let id = self.record(name, NodeKind::Tensor, &[input.node]);
         let v = if x.batched {
             Value::batched(x.t)
