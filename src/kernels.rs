@@ -1458,11 +1458,12 @@ mod tests {
     }
 }
 #[cfg(test)]
-mod grouping {
+pub(crate) mod grouping {
     use super::tests::{assert_same_bits, transpose};
     use super::*;
 
-    fn data(len: usize, salt: usize) -> Vec<f32> {
+    /// Deterministic test values in [−0.5, 0.5).
+    pub(crate) fn data(len: usize, salt: usize) -> Vec<f32> {
         (0..len)
             .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 997.0 - 0.5)
             .collect()

@@ -978,13 +978,8 @@ fn linear_cpu(
 mod tests {
     use super::*;
     use crate::function::Activation;
+    use crate::kernels::grouping::data as values;
     use candle_core::Device;
-
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
 
     fn bits(a: &Act) -> Vec<u32> {
         a.t.flatten_all()
