@@ -337,8 +337,11 @@ pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
     if small_rows(m, n, k, &rhs) {
-        return gemm_small_m(dst, dst_rs, lhs, rhs);
+        // SAFETY: `small_rows` admitted this product only after `simd_level()` detected
+        // AVX-512 (F, BW, DQ, VL) at run time, the features `small_m::gemm` is compiled for.
+        return unsafe { small_m::gemm(dst, dst_rs, &lhs, &rhs) };
     }
     if !canonical(m, n, k) {
         return gemm_padded(dst, dst_rs, lhs, rhs);
@@ -584,59 +587,37 @@ macro_rules! simd_dispatch {
     };
 }
 
-/// Whether [`gemm_small_m`] takes an `m × n × k` product: an AVX-512 CPU, few rows of output,
+/// Whether [`small_m::gemm`] takes an `m × n × k` product: an AVX-512 CPU, few rows of output,
 /// whole vectors of columns, the right-hand side's rows contiguous, and a depth the `gemm` crate
 /// sums in one block (so the two give the same bits, see [`canonical`]).
+#[cfg(target_arch = "x86_64")]
 fn small_rows(m: usize, n: usize, k: usize, rhs: &Mat<'_>) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        m <= SMALL_M
-            && n >= small_m::NB
-            && k <= SMALL_K
-            && rhs.cs == 1
-            && simd_level() == Simd::Avx512
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (m, n, k, rhs);
-        false
-    }
+    m <= SMALL_M && n >= small_m::NB && k <= SMALL_K && rhs.cs == 1 && simd_level() == Simd::Avx512
 }
 
-/// Most rows of output [`gemm_small_m`] takes.
+/// Most rows of output [`small_m::gemm`] takes.
+#[cfg(target_arch = "x86_64")]
 const SMALL_M: usize = 16;
 
-/// Deepest product [`gemm_small_m`] takes: its packed block of the left-hand side is a stack
+/// Deepest product [`small_m::gemm`] takes: its packed block of the left-hand side is a stack
 /// array of this depth. Within the `gemm` crate's whole-depth block (512), so the two give the
 /// same bits.
+#[cfg(target_arch = "x86_64")]
 const SMALL_K: usize = 128;
 
-/// [`gemm`] with at most [`SMALL_M`] rows of output (a layer's `W · X` with few outputs, written
-/// class-major, as the last layers of Task B and Task A's projections are). The `gemm` crate
-/// packs both sides on every call and pads the rows to its kernel; here a register block holds
-/// up to [`small_m::MR`] rows × [`small_m::NB`] columns while the depth runs, broadcasting the
-/// packed left-hand side and reading the right-hand side's rows in place. On a cache-hot
-/// 10 × 32 × 256 product that is 7% faster; Task B, dense and low-rank, gains 4–5%.
-///
-/// Each element is `Σ_l lhs[i, l]·rhs[l, j]` as fused multiply-adds from zero in order of `l`,
-/// as the `gemm` crate computes it on its blocked path: the same bits (a test checks).
-fn gemm_small_m(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `small_rows` admitted this product only after `simd_level()` detected
-        // AVX-512 (F, BW, DQ, VL) at run time, the features `small_m::gemm` is compiled for.
-        unsafe { small_m::gemm(dst, dst_rs, &lhs, &rhs) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (dst, dst_rs, lhs, rhs);
-        unreachable!("small_rows admits no product off x86-64")
-    }
-}
-
-/// The AVX-512 body of [`gemm_small_m`].
 #[cfg(target_arch = "x86_64")]
 mod small_m {
+    //! [`gemm`](super::gemm) with at most [`SMALL_M`] rows of output (a layer's `W · X` with few
+    //! outputs, written class-major, as the last layers of Task B and Task A's projections are).
+    //! The `gemm` crate packs both sides on every call and pads the rows to its kernel; here a
+    //! register block holds up to [`MR`] rows × [`NB`] columns while the depth runs,
+    //! broadcasting the packed left-hand side and reading the right-hand side's rows in place.
+    //! On a cache-hot 10 × 32 × 256 product that is 7% faster; Task B, dense and low-rank,
+    //! gains 4–5%.
+    //!
+    //! Each element is `Σ_l lhs[i, l]·rhs[l, j]` as fused multiply-adds from zero in order of
+    //! `l`, as the `gemm` crate computes it on its blocked path: the same bits (a test checks).
+
     use super::{Mat, SMALL_K, SMALL_M};
     use std::arch::x86_64::{
         __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
@@ -645,7 +626,7 @@ mod small_m {
     use std::mem::MaybeUninit;
 
     /// Rows of output in one register block.
-    pub(super) const MR: usize = 12;
+    const MR: usize = 12;
     /// Vectors of columns in one register block.
     const V: usize = 2;
     /// Columns of output in one register block.
@@ -1472,8 +1453,9 @@ pub(crate) mod grouping {
     /// A candidate's rows (or columns) computed alone or among others give the same bits, for
     /// shapes on and off the gemm crate's blocked path.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn the_few_rows_kernel_gives_the_gemm_crates_bits_and_the_f64_product() {
-        // `gemm` sends these shapes to `gemm_small_m`; the `gemm` crate, called directly, is the
+        // `gemm` sends these shapes to `small_m::gemm`; the `gemm` crate, called directly, is the
         // reference (its blocked path, padded where the shape is off it, as `gemm_padded` does).
         let crate_product = |m: usize, n: usize, k: usize, l: &[f32], lrs, lcs, r: &[f32]| {
             let (m2, n2) = (m.max(2), n.max(256 / m.max(2) + 1));

@@ -16,6 +16,7 @@ use crate::error::{Error, Result, TensorContext};
 use crate::function::Layer;
 use crate::kernels::{self, with_slice, Mat};
 use crate::population::ParamChunk;
+use crate::system::lock;
 
 /// A layer's input on the CPU path.
 #[derive(Clone, Copy)]
@@ -510,12 +511,9 @@ pub(crate) struct HoistCache {
 
 impl std::fmt::Debug for HoistCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
-        f.debug_struct("HoistCache").field("entries", &n).finish()
+        f.debug_struct("HoistCache")
+            .field("entries", &self.len())
+            .finish()
     }
 }
 
@@ -557,16 +555,11 @@ impl HoistCache {
                     _ => false,
                 }
         };
-        let lock = || {
-            self.entries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        if let Some(e) = lock().iter().find(|e| hit(e)) {
+        if let Some(e) = lock(&self.entries).iter().find(|e| hit(e)) {
             return Ok(e.hoisted.clone());
         }
         let hoisted = std::sync::Arc::new(compute()?);
-        let mut entries = lock();
+        let mut entries = lock(&self.entries);
         if entries.len() >= HOIST_ENTRIES {
             entries.remove(0);
         }
@@ -578,13 +571,9 @@ impl HoistCache {
         Ok(hoisted)
     }
 
-    /// Entries held (for tests).
-    #[cfg(test)]
+    /// Entries held.
     fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        lock(&self.entries).len()
     }
 }
 
