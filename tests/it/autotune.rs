@@ -132,7 +132,7 @@ fn a_leading_default_is_kept_after_a_paired_final_against_the_best_other_setting
     };
     let mut opts = quick();
     opts.budget = Some(Duration::from_secs(120));
-    opts.min_sample = Duration::from_millis(20);
+    opts.min_sample = Duration::from_millis(50);
     let r = tensor::tune(&probe, &opts).unwrap();
     assert_eq!(r.settings, TensorSettings::default(), "{}", r.to_markdown());
     let (lo, hi) = r.speedup_ci;
