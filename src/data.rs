@@ -78,6 +78,21 @@ impl Value {
         self
     }
 
+    /// The same value with its tensor copied to `device` (JSON items unchanged).
+    pub(crate) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let data = match &self.data {
+            Data::Tensor { t, batched } => Data::Tensor {
+                t: t.to_device(device)?,
+                batched: *batched,
+            },
+            json => json.clone(),
+        };
+        Ok(Self {
+            data,
+            node: self.node,
+        })
+    }
+
     /// Whether the value has a population axis (differs between candidates).
     pub fn is_batched(&self) -> bool {
         match &self.data {
@@ -279,6 +294,15 @@ impl Examples {
             inputs: Value::shared(x),
             targets: Value::shared(y),
             len: n,
+        })
+    }
+
+    /// The same examples with their tensors copied to `device` (JSON items unchanged).
+    pub(crate) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            inputs: self.inputs.to_device(device)?,
+            targets: self.targets.to_device(device)?,
+            len: self.len,
         })
     }
 

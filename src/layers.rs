@@ -435,8 +435,8 @@ pub(crate) fn linear(
 /// The default tile: 128 Ki floats = 512 KiB.
 pub(crate) const DEFAULT_TILE_FLOATS: usize = 128 * 1024;
 
-/// How the CPU kernels run one population: speed only. Tiles never change results; the
-/// materialized low-rank kernel gives the same values up to rounding. It travels with the
+/// How one population is evaluated: speed only. Tiles never change results; the materialized
+/// low-rank kernel and a GPU give the same values up to rounding. It travels with the
 /// [`Population`](crate::Population), so two evaluations in one process never see each other's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Kernel {
@@ -447,6 +447,9 @@ pub(crate) struct Kernel {
     pub materialize_low_rank: bool,
     /// Worker threads for the tiles (`None`: the process's pool, all cores by default).
     pub threads: Option<usize>,
+    /// Evaluate on this CUDA device: the population and the examples are copied there for the
+    /// evaluation, and only the fitness comes back (`None`: where the population lives).
+    pub cuda: Option<usize>,
 }
 
 /// A rayon pool of `n` threads, built once per size and kept for the process.

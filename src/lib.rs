@@ -43,6 +43,7 @@ mod error;
 pub mod es;
 pub mod eval;
 mod function;
+mod gpu;
 mod kernels;
 mod layers;
 #[cfg(feature = "llm")]

@@ -113,6 +113,32 @@ impl Population {
         self.kernel
     }
 
+    /// The same candidates with their tensors copied to `device` (the kernel kept).
+    pub(crate) fn to_device(&self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let perturb = self
+            .perturb
+            .iter()
+            .map(|(k, p)| {
+                let p = match p {
+                    Perturbation::Dense(t) => Perturbation::Dense(t.to_device(device)?),
+                    Perturbation::Mirrored(t) => Perturbation::Mirrored(t.to_device(device)?),
+                    Perturbation::LowRank { a, b } => Perturbation::LowRank {
+                        a: a.to_device(device)?,
+                        b: b.to_device(device)?,
+                    },
+                    Perturbation::Explicit(t) => Perturbation::Explicit(t.to_device(device)?),
+                };
+                Ok((k.clone(), p))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            base: self.base.to_device(device)?,
+            size: self.size,
+            perturb,
+            kernel: self.kernel,
+        })
+    }
+
     /// A population of one: the given θ.
     pub fn center(theta: Theta) -> Self {
         Self {
@@ -481,6 +507,18 @@ async fn evaluate_inner<S: HyperSystem + ?Sized>(
     if n == 0 {
         return Err(Error::EmptyExamples);
     }
+    // A kernel that evaluates on a GPU: the candidates and the examples go there for this
+    // evaluation; θ, the noise and the update stay where they live.
+    let moved;
+    let (pop, examples) = match pop.kernel().cuda {
+        Some(ordinal) => {
+            let dev = crate::gpu::cuda(ordinal)?;
+            let at = "evaluation device";
+            moved = examples.to_device(&dev).at(at)?;
+            (Arc::new(pop.to_device(&dev).at(at)?), &moved)
+        }
+        None => (pop, examples),
+    };
     let (pc, nc) = plan(p, n, max_batch_size, pop.mirrored());
     let scope = Arc::new(Scope::traced(trace));
     let mut out = PopulationEval {

@@ -142,6 +142,19 @@ impl Theta {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The same θ with its tensors copied to `device` (prompts unchanged).
+    pub(crate) fn to_device(&self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            tensors,
+            prompts: self.prompts.clone(),
+        })
+    }
+
     /// Iterates over (name, raw tensor).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))

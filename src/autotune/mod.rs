@@ -214,8 +214,8 @@ impl SystemProfile {
                     .map(|s| cache_size(&s))
             })
             .unwrap_or(0);
-        let gpu = if candle_core::utils::cuda_is_available() {
-            Some("cuda:0".to_string())
+        let gpu = if let Some(g) = crate::gpu::probe(0) {
+            Some(format!("{} {} ({} GiB)", g.id, g.name, g.total_bytes >> 30))
         } else if candle_core::utils::metal_is_available() {
             Some("metal:0".to_string())
         } else {
@@ -306,6 +306,20 @@ impl InUse {
         let Some(record) = store.lookup(&key, machine_fingerprint()) else {
             return Self::default();
         };
+        // The fingerprint names the GPU, so a record for one is found only where it is; a
+        // checked-in file edited by hand could still ask for a GPU this process cannot open.
+        if let TensorDevice::Cuda(n) = record.settings.device {
+            if crate::gpu::probe(n).is_none() {
+                return Self {
+                    note: Some(format!(
+                        "{key}: the record {} evaluates on CUDA {n}, which this process cannot \
+                         open; the defaults instead",
+                        record.key
+                    )),
+                    ..Self::default()
+                };
+            }
+        }
         tracing::info!(key = %key, settings = %record.settings, "using autotuned settings");
         Self {
             note: Some(format!(
@@ -412,6 +426,20 @@ pub enum LowRankKernel {
     Materialize,
 }
 
+/// Where a population is evaluated.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorDevice {
+    /// On the CPU, where θ lives (the tile and thread knobs apply).
+    #[default]
+    Cpu,
+    /// On CUDA device N: the candidates and examples are copied there per evaluation and the
+    /// fitness comes back (the tile and thread knobs do not apply).
+    Cuda(usize),
+}
+
 /// The settings a tensor population evaluation depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TensorSettings {
@@ -427,6 +455,9 @@ pub struct TensorSettings {
     /// workers costs more than they save.
     #[serde(default)]
     pub threads: usize,
+    /// Where the evaluation runs (records from before this knob read as the CPU).
+    #[serde(default)]
+    pub device: TensorDevice,
 }
 
 impl Default for TensorSettings {
@@ -436,6 +467,7 @@ impl Default for TensorSettings {
             max_batch_size: crate::es::DEFAULT_MAX_BATCH_SIZE,
             low_rank: LowRankKernel::SharedGemm,
             threads: 0,
+            device: TensorDevice::Cpu,
         }
     }
 }
@@ -447,18 +479,25 @@ impl TensorSettings {
             tile_floats: Some(self.tile_floats),
             materialize_low_rank: self.low_rank == LowRankKernel::Materialize,
             threads: (self.threads > 0).then_some(self.threads),
+            cuda: match self.device {
+                TensorDevice::Cpu => None,
+                TensorDevice::Cuda(n) => Some(n),
+            },
         }
     }
 }
 
 impl std::fmt::Display for TensorSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "tile {} Ki floats, {} rows per batch",
-            self.tile_floats / 1024,
-            self.max_batch_size
-        )?;
+        match self.device {
+            TensorDevice::Cpu => write!(
+                f,
+                "tile {} Ki floats, {} rows per batch",
+                self.tile_floats / 1024,
+                self.max_batch_size
+            )?,
+            TensorDevice::Cuda(n) => write!(f, "CUDA {n}, {} rows per batch", self.max_batch_size)?,
+        }
         if self.low_rank == LowRankKernel::Materialize {
             write!(f, ", low-rank weights materialized")?;
         }
@@ -554,11 +593,21 @@ impl Record {
             self.stop_reason,
             self.seconds
         );
-        s.push_str("| tile Ki floats | rows/batch | low-rank kernel | M evals/s | % of best | runs | excluded |\n|---:|---:|---|---:|---:|---:|---|\n");
+        s.push_str("| device | tile Ki floats | threads | rows/batch | low-rank kernel | M evals/s | % of best | runs | excluded |\n|---|---:|---:|---:|---|---:|---:|---:|---|\n");
         for c in &self.candidates {
+            let (device, tile, threads) = match c.settings.device {
+                TensorDevice::Cpu => (
+                    "cpu".to_string(),
+                    (c.settings.tile_floats / 1024).to_string(),
+                    match c.settings.threads {
+                        0 => "all".to_string(),
+                        n => n.to_string(),
+                    },
+                ),
+                TensorDevice::Cuda(n) => (format!("cuda:{n}"), "-".into(), "-".into()),
+            };
             s.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {:.1}% | {} | {} |\n",
-                c.settings.tile_floats / 1024,
+                "| {device} | {tile} | {threads} | {} | {} | {:.3} | {:.1}% | {} | {} |\n",
                 c.settings.max_batch_size,
                 match c.settings.low_rank {
                     LowRankKernel::SharedGemm => "shared GEMM",

@@ -26,7 +26,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use super::{Candidate, LowRankKernel, Mode, Record, SystemProfile, TensorSettings};
+use super::{Candidate, LowRankKernel, Mode, Record, SystemProfile, TensorDevice, TensorSettings};
 use crate::error::{Error, Result};
 use crate::prelude::*;
 use crate::util::median;
@@ -104,6 +104,12 @@ pub trait Probe {
     /// Whether a layer has low-rank noise (then the low-rank kernel is a knob too).
     fn low_rank(&self) -> bool {
         false
+    }
+    /// Candidates, and floats of a candidate's widest activation over all its examples (what a
+    /// CPU tile holds per candidate), when known: on a machine with many cores the search then
+    /// also times a tile small enough to give every worker several.
+    fn tile_shape(&self) -> Option<(usize, usize)> {
+        None
     }
     /// The command that reproduces the tuning.
     fn command(&self) -> String;
@@ -193,6 +199,17 @@ impl Probe for MlpProbe {
 
     fn low_rank(&self) -> bool {
         self.rank.is_some()
+    }
+
+    fn tile_shape(&self) -> Option<(usize, usize)> {
+        // As the forward counts it: a first layer on the shared input holds only its output.
+        let widest = self
+            .sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| if i == 0 { w[1] } else { w[0].max(w[1]) })
+            .max()?;
+        Some((self.pop.size(), self.examples.len() * widest))
     }
 
     fn run(&self, s: &TensorSettings) -> Result<Vec<f32>> {
@@ -317,6 +334,65 @@ fn analytic(s: &TensorSettings, evals: usize, l2: u64, cores: usize) -> f64 {
     tile + batch
 }
 
+/// The default batch with the largest tile of the grid (16 Ki to 1 Mi floats, powers of two)
+/// that gives each of `cores` workers at least four tiles, on machines of 4 cores or more;
+/// `None` where that is the default's tile or the probe's tile shape is unknown.
+fn balanced(probe: &dyn Probe, cores: usize) -> Option<TensorSettings> {
+    let (candidates, per_candidate) = probe.tile_shape()?;
+    if cores < 4 {
+        return None;
+    }
+    let per_tile = (candidates / (4 * cores)).max(1);
+    let want = per_tile * per_candidate.max(1);
+    let tile = (4..=10)
+        .map(|k| 1024usize << k)
+        .take_while(|t| *t <= want)
+        .last()
+        .unwrap_or(16 * 1024);
+    let d = TensorSettings::default();
+    (tile != d.tile_floats).then_some(TensorSettings {
+        tile_floats: tile,
+        ..d
+    })
+}
+
+/// A quarter of the free memory of CUDA device 0 when this build can use one, bytes.
+fn gpu_budget() -> Option<u64> {
+    crate::gpu::probe(0)?;
+    let dev = crate::gpu::cuda(0).ok()?;
+    Some(crate::gpu::free_bytes(&dev)? / 4)
+}
+
+/// Why `s`, whose forward needs about `bytes`, does not fit: the CPU's `mem_budget` or the
+/// GPU's `gpu_budget` (none: no GPU).
+fn over_budget(
+    s: &TensorSettings,
+    bytes: u64,
+    mem_budget: u64,
+    gpu_budget: Option<u64>,
+) -> Option<String> {
+    match s.device {
+        TensorDevice::Cpu => (bytes > mem_budget).then(|| {
+            format!(
+                "needs about {} MiB per forward, over the {} MiB budget",
+                bytes >> 20,
+                mem_budget >> 20
+            )
+        }),
+        TensorDevice::Cuda(n) => match gpu_budget {
+            None => Some(format!("CUDA device {n} is not there")),
+            Some(cap) => (bytes > cap).then(|| {
+                format!(
+                    "needs about {} MiB per forward, over a quarter of CUDA {n}'s free memory \
+                     ({} MiB)",
+                    bytes >> 20,
+                    cap >> 20
+                )
+            }),
+        },
+    }
+}
+
 fn fitness_matches(a: &[f32], b: &[f32], tol: f32) -> Option<String> {
     if a.len() != b.len() {
         return Some(format!("{} fitness values instead of {}", a.len(), b.len()));
@@ -383,19 +459,18 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
         (_, false) => 3,
     };
 
+    // A GPU's budget: a quarter of what is free on it now.
+    let gpu_budget = gpu_budget();
+    let too_big = |s: &TensorSettings| over_budget(s, bytes(s), mem_budget, gpu_budget);
     // Candidates: the grid within the memory budget, ranked analytically.
     let mut candidates: BTreeMap<TensorSettings, Candidate> = BTreeMap::new();
     let mut pool = Vec::new();
     for s in grid(evals) {
-        if bytes(&s) > mem_budget {
-            let why = format!(
-                "needs about {} MiB per forward, over the {} MiB budget",
-                bytes(&s) >> 20,
-                mem_budget >> 20
-            );
-            candidates.insert(s, excluded(s, why));
-        } else {
-            pool.push(s);
+        match too_big(&s) {
+            Some(why) => {
+                candidates.insert(s, excluded(s, why));
+            }
+            None => pool.push(s),
         }
     }
     pool.sort_by(|a, b| {
@@ -438,6 +513,42 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             .collect();
         live.extend(twins);
     }
+    // The device is a knob where a GPU opens: the whole evaluation there in one forward (halved
+    // until it fits the GPU's budget), with the other low-rank kernel too.
+    if gpu_budget.is_some() {
+        let mut s = TensorSettings {
+            device: TensorDevice::Cuda(0),
+            max_batch_size: evals,
+            ..default
+        };
+        while s.max_batch_size > 1 && too_big(&s).is_some() {
+            s.max_batch_size /= 2;
+        }
+        match too_big(&s) {
+            Some(why) => {
+                candidates.insert(s, excluded(s, why));
+            }
+            None => {
+                live.push(s);
+                if probe.low_rank() {
+                    live.push(TensorSettings {
+                        low_rank: LowRankKernel::Materialize,
+                        ..s
+                    });
+                }
+            }
+        }
+    }
+    // On a machine with many cores, a tile that holds a worker's whole share leaves the workers
+    // nothing to even out among themselves: the default batch with the largest tile that gives
+    // each worker four tiles is a candidate too (on a 16-core host the exhaustive sweep's best
+    // tile was that one on 3 keys of 8 where the analytic ranking left it out).
+    if let Some(s) = balanced(probe, profile.cores) {
+        if !live.contains(&s) && too_big(&s).is_none() {
+            live.push(s);
+        }
+    }
+    warm_up(probe, &live);
     // Correctness gate.
     let (mut checked, mut rejected) = (0, 0);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
@@ -522,13 +633,17 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
             threads: if leader.threads == 0 { 1 } else { 0 },
             ..leader
         };
-        if profile.cores > 1
+        let on_cpu = leader.device == TensorDevice::Cpu;
+        if on_cpu
+            && profile.cores > 1
             && !times.contains_key(&other_threads)
             && !candidates.contains_key(&other_threads)
         {
             near.push(other_threads);
         }
-        for (t, b) in [(2, 1), (1, 2)] {
+        // On a GPU only the batch is a knob.
+        let steps: &[(usize, usize)] = if on_cpu { &[(2, 1), (1, 2)] } else { &[(1, 2)] };
+        for &(t, b) in steps {
             let up = TensorSettings {
                 tile_floats: leader.tile_floats * t,
                 max_batch_size: leader.max_batch_size * b,
@@ -543,7 +658,7 @@ pub fn tune(probe: &dyn Probe, opts: &Options) -> Result<Record> {
                 if s != leader
                     && !times.contains_key(&s)
                     && !candidates.contains_key(&s)
-                    && bytes(&s) <= mem_budget
+                    && too_big(&s).is_none()
                 {
                     near.push(s);
                 }
@@ -710,10 +825,12 @@ pub fn exhaustive(
     let mem_budget = opts
         .memory_budget
         .unwrap_or_else(|| (profile.ram_available_bytes / 4).max(256 << 20));
-    let mut all: Vec<TensorSettings> = grid(evals)
-        .into_iter()
-        .filter(|s| (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64 <= mem_budget)
-        .collect();
+    let gpu_budget = gpu_budget();
+    let fits = |s: &TensorSettings| {
+        let bytes = (s.max_batch_size.min(evals) * probe.bytes_per_row()) as u64;
+        over_budget(s, bytes, mem_budget, gpu_budget).is_none()
+    };
+    let mut all: Vec<TensorSettings> = grid(evals).into_iter().filter(fits).collect();
     if probe.low_rank() {
         let twins: Vec<TensorSettings> = all
             .iter()
@@ -731,11 +848,34 @@ pub fn exhaustive(
             .collect();
         all.extend(twins);
     }
+    // On a GPU: every batch of the default tile on all threads (the tile and threads do not
+    // apply there), each low-rank kernel.
+    if gpu_budget.is_some() {
+        let tile = TensorSettings::default().tile_floats;
+        let on_gpu: Vec<TensorSettings> = grid(evals)
+            .into_iter()
+            .filter(|s| s.tile_floats == tile)
+            .flat_map(|s| {
+                let twin = probe.low_rank().then_some(LowRankKernel::Materialize);
+                [Some(LowRankKernel::SharedGemm), twin]
+                    .into_iter()
+                    .flatten()
+                    .map(move |low_rank| TensorSettings {
+                        device: TensorDevice::Cuda(0),
+                        low_rank,
+                        ..s
+                    })
+            })
+            .filter(fits)
+            .collect();
+        all.extend(on_gpu);
+    }
     for s in extra {
         if !all.contains(s) {
             all.push(*s);
         }
     }
+    warm_up(probe, &all);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
     let mut times: BTreeMap<TensorSettings, Vec<f64>> = BTreeMap::new();
     for _ in 0..rounds.max(1) {
@@ -751,6 +891,16 @@ pub fn exhaustive(
         times.into_iter().map(|(s, v)| (s, median(&v))).collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(out)
+}
+
+/// Runs each GPU setting among `settings` once, untimed: a GPU's first run loads and
+/// JIT-compiles its kernels, seconds on a fresh machine (20 s for the first evaluation on an
+/// H200), which would otherwise sink that setting's first sample. A failure here is not
+/// reported: the setting's first timed run fails the same way and is excluded with the reason.
+fn warm_up(probe: &dyn Probe, settings: &[TensorSettings]) {
+    for s in settings.iter().filter(|s| s.device != TensorDevice::Cpu) {
+        let _ = probe.run(s);
+    }
 }
 
 fn sample(
@@ -892,6 +1042,7 @@ pub fn verify(
 ) -> Result<Verification> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(0);
     let default = TensorSettings::default();
+    warm_up(probe, &[record.settings]);
     let (a, b) = paired(
         probe,
         record.settings,
@@ -909,4 +1060,31 @@ pub fn verify(
         default_evals_per_sec: median(&b),
         stale: now < 0.8 * record.evals_per_sec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{balanced, MlpProbe, Probe, TensorSettings};
+
+    /// On a wide machine the balanced tile gives every worker four tiles; on a narrow one, or
+    /// where it is the default's tile, there is none.
+    #[test]
+    fn the_balanced_tile_gives_each_worker_four_tiles_on_wide_machines() {
+        let tile = |sizes: &[usize], pop, rows, cores| {
+            let probe = MlpProbe::new(sizes, pop, rows, None).unwrap();
+            balanced(&probe, cores).map(|s| s.tile_floats / 1024)
+        };
+        // 64-64-10 on 64 rows: 4 096 floats a candidate; 256 candidates over 16 workers.
+        assert_eq!(tile(&[64, 64, 10], 256, 64, 16), Some(16));
+        assert_eq!(tile(&[64, 64, 10], 1024, 32, 16), Some(32));
+        // The first layer holds only its output: 784-32-10 is 32 floats a row.
+        let p = MlpProbe::new(&[784, 32, 10], 8, 4, None).unwrap();
+        assert_eq!(p.tile_shape(), Some((8, 4 * 32)));
+        // Never below the grid's smallest tile; none on 2 cores; none when it is the default's.
+        assert_eq!(tile(&[16, 16, 4], 64, 64, 16), Some(16));
+        assert_eq!(tile(&[64, 64, 10], 256, 64, 2), None);
+        let default_k = TensorSettings::default().tile_floats / 1024;
+        let pop = 4 * 8 * default_k * 1024 / (64 * 64);
+        assert_eq!(tile(&[64, 64, 10], pop, 64, 8), None);
+    }
 }

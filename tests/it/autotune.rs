@@ -13,7 +13,7 @@ use hyperfunc::prelude::*;
 
 use crate::common::{cli, cli_err, cli_ok};
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "hyperfunc-autotune-{name}-{}-{}",
         std::process::id(),
@@ -351,7 +351,7 @@ fn autotune_worker() {
     println!("AUTOTUNE={}", report.autotune.unwrap_or_default());
 }
 
-fn run_worker(dir: &std::path::Path) -> String {
+pub(crate) fn run_worker(dir: &std::path::Path) -> String {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -935,4 +935,37 @@ fn the_bench_judges_quick_choices_against_the_exhaustive_sweeps_best() {
     assert!(b.keys[1].exhaustive_settings >= 2 * 35, "{:?}", b.keys[1]);
     assert!(b.cache_hit_us > 0.0 && b.cache_hit_us.is_finite());
     assert!(bench::render(&b).contains("% of best"));
+}
+
+/// Without a GPU the device knob stays off: the search times no GPU setting, asking for one
+/// is a typed error that says what to do, and records written before the knob read as the CPU.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn without_a_gpu_the_device_knob_is_off_and_asking_for_one_says_how_to_get_it() {
+    use hyperfunc::autotune::TensorDevice;
+    let probe = MlpProbe::new(&[8, 4, 2], 16, 16, None).unwrap();
+    assert_eq!(SystemProfile::detect().gpu, None);
+    let r = tensor::tune(&probe, &quick()).unwrap();
+    assert!(r
+        .candidates
+        .iter()
+        .all(|c| c.settings.device == TensorDevice::Cpu));
+    let on_gpu = TensorSettings {
+        device: TensorDevice::Cuda(0),
+        ..TensorSettings::default()
+    };
+    let e = probe.run(&on_gpu).unwrap_err().to_string();
+    assert!(e.contains("--features cuda"), "{e}");
+    // A GPU setting round-trips; an older record without the field is a CPU one.
+    let json = serde_json::to_string(&on_gpu).unwrap();
+    assert_eq!(
+        serde_json::from_str::<TensorSettings>(&json).unwrap(),
+        on_gpu
+    );
+    let old = r#"{"tile_floats":65536,"max_batch_size":64,"low_rank":"shared_gemm","threads":1}"#;
+    let old: TensorSettings = serde_json::from_str(old).unwrap();
+    assert_eq!(old.device, TensorDevice::Cpu);
+    assert_eq!(old.threads, 1);
+    // The report names the device of each candidate.
+    assert!(r.to_markdown().contains("| cpu |"), "{}", r.to_markdown());
 }

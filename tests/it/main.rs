@@ -11,6 +11,8 @@ mod es;
 mod eval;
 #[cfg(feature = "llm")]
 mod fake_openai;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod io;
 mod kernels;
 #[cfg(feature = "llm")]
