@@ -51,6 +51,7 @@ build() {
   local exe
   exe="$(cargo test --features cuda --test it --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
+  [ -n "$exe" ] || { echo "the cuda test build failed: cargo test --features cuda --test it --no-run shows why"; exit 1; }
   cargo build --release --no-default-features --features cli,llm,ui,cuda --bin hyperfunc
   mkdir -p .gpu
   objcopy --strip-debug "$exe" .gpu/it
