@@ -1,5 +1,5 @@
-//! Tensor autotune: the candidate tile and the rows per batched forward of a population
-//! evaluation, found by measurement.
+//! Tensor autotune: the candidate tile, the rows per batched forward, the low-rank kernel, the
+//! threads and the device of a population evaluation, found by measurement.
 //!
 //! The search: candidates under the memory budget are ranked analytically (a tile whose
 //! activations fit the per-core L2 cache first, then batches that keep every core busy), the
@@ -8,6 +8,10 @@
 //! passes a correctness gate first: its fitness vector on the probe population must match the
 //! default's. The default is kept unless the winner beats it with a bootstrap 95% interval of the
 //! speedup above 1.
+//!
+//! Where a GPU opens (feature `cuda`), the whole evaluation on it is a candidate too, with both
+//! low-rank kernels; each GPU setting runs once untimed first (its kernels compile on first
+//! use). On 4 cores or more, so is the default batch with a tile that gives every worker four.
 //!
 //! Quick mode spends about a tenth of an exhaustive sweep: 5 candidates from the ranking (plus
 //! the other low-rank kernel and one thread at the default), three noise samples that are also

@@ -968,4 +968,15 @@ fn without_a_gpu_the_device_knob_is_off_and_asking_for_one_says_how_to_get_it() 
     assert_eq!(old.threads, 1);
     // The report names the device of each candidate.
     assert!(r.to_markdown().contains("| cpu |"), "{}", r.to_markdown());
+    // A saved GPU record for this machine (a project file edited by hand, say) is not used
+    // where no GPU opens: `optimize` says so and runs the defaults. The probe is the worker's
+    // shape.
+    let dir = temp_dir("no-gpu");
+    let mut gpu_record = r.clone();
+    gpu_record.settings = on_gpu;
+    gpu_record.evals_per_sec = 1.0;
+    Store::at(&dir).save(&gpu_record, true).unwrap();
+    let used = run_worker(&dir);
+    assert!(used.contains("cannot open"), "{used}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
