@@ -12,8 +12,6 @@ use crate::error::Result;
 /// What the system profile records of one GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct GpuInfo {
-    /// `cuda:N`.
-    pub id: String,
     /// The device's name (`NVIDIA H200`).
     pub name: String,
     /// Its memory, bytes.
@@ -78,7 +76,6 @@ mod imp {
         let stream = d.cuda_stream();
         let ctx = stream.context();
         Some(GpuInfo {
-            id: format!("cuda:{ordinal}"),
             name: ctx.name().unwrap_or_else(|_| "unknown CUDA device".into()),
             total_bytes: ctx.total_mem().map_or(0, |b| b as u64),
         })

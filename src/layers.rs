@@ -141,7 +141,7 @@ pub(crate) fn forward(
     params: Vec<ParamChunk>,
     pc: usize,
     kernel: Kernel,
-    hoist: Option<&HoistCache>,
+    hoist: &HoistCache,
 ) -> Result<Act> {
     let tile_floats = kernel.tile_floats();
     let mut it = params.into_iter();
@@ -321,10 +321,7 @@ pub(crate) fn forward(
                     })
                 })?
             };
-            Some(match hoist {
-                Some(cache) => cache.get_or_compute(&x.t, base, compute)?,
-                None => std::sync::Arc::new(compute()?),
-            })
+            Some(hoist.get_or_compute(&x.t, base, compute)?)
         };
         // Each tile's share of the output is zeroed by the worker that fills it (a zero-fill of
         // the whole output up front cost 13% of a low-rank evaluation).
@@ -1026,6 +1023,7 @@ mod tests {
             t: Tensor::from_vec(values(n * inp, 4), (n, inp), dev)?,
             batched: false,
         };
+        // `None`: a cache of this run alone (as an evaluation of one chunk has).
         let run = |x: &Act, cache: Option<&HoistCache>| {
             forward(
                 "net",
@@ -1034,7 +1032,7 @@ mod tests {
                 params.clone(),
                 pc,
                 Kernel::default(),
-                cache,
+                cache.unwrap_or(&HoistCache::default()),
             )
             .map(|a| bits(&a))
         };

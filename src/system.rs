@@ -507,8 +507,8 @@ impl Cx {
     ) -> Result<Value> {
         let name = f.name.as_str();
         let x = self.tensor_input(name, &input)?;
-        let hoist = Some(&self.scope.hoist);
         let params = self.params(f)?;
+        let hoist = &self.scope.hoist;
         let x = layers::forward(name, x, layers, params, self.pc, self.pop.kernel(), hoist)?;
         let id = self.record(name, NodeKind::Tensor, &[input.node]);
         let v = if x.batched {

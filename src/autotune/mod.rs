@@ -215,7 +215,7 @@ impl SystemProfile {
             })
             .unwrap_or(0);
         let gpu = if let Some(g) = crate::gpu::probe(0) {
-            Some(format!("{} {} ({} GiB)", g.id, g.name, g.total_bytes >> 30))
+            Some(format!("cuda:0 {} ({} GiB)", g.name, g.total_bytes >> 30))
         } else if candle_core::utils::metal_is_available() {
             Some("metal:0".to_string())
         } else {
